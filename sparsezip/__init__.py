@@ -1,0 +1,1 @@
+"""Visual token compression methods: fixed-shape PyTorch modules and loop-based references."""
