@@ -1,0 +1,1 @@
+"""Export side: model loading, ONNX graphs, engine folder builds."""
