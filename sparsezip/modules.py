@@ -36,7 +36,8 @@ def project_text_to_vision(text_embeds: torch.Tensor, linear_1_weight: torch.Ten
     The projector is y = W2 gelu(W1 x + b1) + b2; its transpose, biases and
     GELU ignored, carries a text token back to where CLIP features live.
     """
-    return text_embeds @ linear_2_weight @ linear_1_weight
+    # W2 @ W1 first: a constant the graph folds, so each text token costs one D x C product.
+    return text_embeds @ (linear_2_weight @ linear_1_weight)
 
 
 def _slot_one_hot(mask: torch.Tensor, n: int) -> torch.Tensor:
@@ -47,8 +48,10 @@ def _slot_one_hot(mask: torch.Tensor, n: int) -> torch.Tensor:
 
 def _index_of_slots(slots: torch.Tensor) -> torch.Tensor:
     """[B,P,n] one-hot slots -> [B,n] the patch index in each slot (0 where the slot is empty)."""
+    # A reduction, not `slots^T @ arange`: ORT 1.31's fused Transpose+MatMul gets a 1-D
+    # right operand wrong at ORT_ENABLE_ALL.
     arange = torch.arange(slots.shape[1], device=slots.device, dtype=torch.float32)
-    return (slots.transpose(1, 2) @ arange).round().to(torch.int64)
+    return (slots * arange.unsqueeze(-1)).sum(1).round().to(torch.int64)
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

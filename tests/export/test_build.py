@@ -1,0 +1,82 @@
+"""export/build.py end to end on the tiny model: the folder, the manifest, the errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+
+from sparsezip_deploy.export import build
+from sparsezip_deploy.export.manifest import FORMAT_VERSION, sha256_file
+from sparsezip_deploy.runtime.preprocess import ImageConfig
+from sparsezip_deploy.sparsezip.config import config_from_dict
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines") / "tiny-sz"
+    assert build.main(["--model", str(tiny_dir), "--method", "sparsezip", "--k-max", "40",
+                       "--contextual", "8", "--out", str(out)]) == 0
+    return out
+
+
+def test_engine_folder_is_complete_and_self_describing(engine):
+    manifest = json.loads((engine / "manifest.json").read_text())
+    assert manifest["format_version"] == FORMAT_VERSION
+    method = config_from_dict(manifest["method"])
+    assert (method.method, method.k_max, method.contextual) == ("sparsezip", 40, 8)
+    assert manifest["vision"]["num_slots"] == 1 + 40 + 8
+    assert manifest["vision"]["layers_run"] == 3  # 4-layer tower, feature layer -2
+    for name, entry in manifest["artifacts"].items():
+        assert sha256_file(engine / name) == entry["sha256"]
+        assert (engine / name).stat().st_size == entry["bytes"]
+    assert ImageConfig.from_dict(manifest["image"]).crop_height == 336
+    session = ort.InferenceSession(str(engine / "vision.onnx"), providers=["CPUExecutionProvider"])
+    declared = manifest["graphs"]["vision"]
+    assert [i.name for i in session.get_inputs()] == list(declared["inputs"])
+    assert [o.name for o in session.get_outputs()] == list(declared["outputs"])
+    assert [i.shape for i in session.get_inputs()] == [v["shape"] for v in declared["inputs"].values()]
+    assert manifest["tokens"]["image_token_id"] >= 0 and "<image>" in manifest["chat_template"]
+    assert not [p for p in engine.parent.iterdir() if p.name.endswith(".partial")]
+
+
+def test_existing_folder_needs_force(engine, tiny_dir, capsys):
+    assert build.main(["--model", str(tiny_dir), "--method", "none", "--out", str(engine)]) == 1
+    assert "--force" in capsys.readouterr().err
+    assert json.loads((engine / "manifest.json").read_text())["method"]["method"] == "sparsezip"
+
+
+def test_option_of_another_method_is_an_error(tiny_dir, tmp_path, capsys):
+    assert build.main(["--model", str(tiny_dir), "--method", "visionzip", "--k-max", "3",
+                       "--out", str(tmp_path / "e")]) == 1
+    assert "visionzip has no option(s) --k-max" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
+def test_invalid_config_is_an_error(tiny_dir, tmp_path, capsys):
+    assert build.main(["--model", str(tiny_dir), "--method", "visionzip", "--dominant", "600",
+                       "--out", str(tmp_path / "e")]) == 1
+    assert "exceeds the 576 patches" in capsys.readouterr().err
+
+
+def test_failed_build_leaves_nothing_behind(tiny_dir, tmp_path, monkeypatch):
+    from sparsezip_deploy.export import vision
+
+    def broken(graph, path):
+        path.write_bytes(b"half an onnx file")
+        raise vision.ExportError("simulated failure mid-export")
+
+    monkeypatch.setattr(vision, "export_vision", broken)
+    assert build.main(["--model", str(tiny_dir), "--method", "none", "--out", str(tmp_path / "e")]) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_model_is_one_line_exit_1(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "export" / "build.py"), "--model", str(tmp_path / "nope")],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr
