@@ -1,7 +1,8 @@
 """Build one engine folder: `python export/build.py --model tiny --method sparsezip`.
 
 Stages: load the model, export vision.onnx (CLIP up to l* + compression +
-projector), check it against PyTorch, write the tokenizer and manifest.json.
+projector) and llm.onnx (decoder with KV cache), check each against PyTorch,
+write the embedding table, tokenizer and manifest.json.
 Everything is written into a temporary sibling folder that is renamed into
 place at the end, so an interrupted build never leaves a folder that looks
 complete.
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", default=DEFAULT_METHOD, choices=list(CONFIGS))
     p.add_argument("--out", type=Path, default=None, help="engine folder (default: engines/<model>-<method>)")
     p.add_argument("--force", action="store_true", help="replace an existing engine folder")
+    p.add_argument("--llm-dtype", default="float32", choices=["float32", "float16"],
+                   help="precision of llm.onnx and the embedding table")
     group = p.add_argument_group(
         "method options", "each applies to the methods that have it; unset options take the method's default")
     for name, f in _method_fields().items():
@@ -80,8 +83,9 @@ class Progress:
 
 def build(args: argparse.Namespace) -> Path:
     config = method_config(args)
-    progress = Progress(5)
+    progress = Progress(7)
     progress(f"loading model {args.model}")
+    from sparsezip_deploy.export.llm import DecoderGraph
     from sparsezip_deploy.export.models import load_model
     from sparsezip_deploy.export.vision import VisionGraph
     loaded = load_model(args.model, vision_tower=args.vision_tower)
@@ -89,6 +93,7 @@ def build(args: argparse.Namespace) -> Path:
         graph = VisionGraph(loaded.model, config).eval()
     except ValueError as e:
         raise ExportError(str(e)) from None
+    decoder = DecoderGraph(loaded.model, args.llm_dtype).eval()
 
     out = args.out or Path("engines") / f"{loaded.source['name']}-{config.method}"
     if out.exists() and not args.force:
@@ -96,8 +101,9 @@ def build(args: argparse.Namespace) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        manifest = _build_into(tmp, loaded, graph, progress)
+        manifest = _build_into(tmp, loaded, graph, decoder, progress)
         progress(f"moving into place: {out}")
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the engine from other users
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -109,16 +115,25 @@ def build(args: argparse.Namespace) -> Path:
     return out
 
 
-def _build_into(folder: Path, loaded, graph, progress: Progress) -> dict:
+def _build_into(folder: Path, loaded, graph, decoder, progress: Progress) -> dict:
+    from sparsezip_deploy.export.llm import check_llm, export_llm, save_embeddings
+    from sparsezip_deploy.export.prompt import prompt_formats
     from sparsezip_deploy.export.vision import check_vision, export_vision
 
     progress(f"exporting vision.onnx ({graph.layers_run} CLIP layers + {graph.method.method} + projector)")
-    io = export_vision(graph, folder / "vision.onnx")
+    vision_io = export_vision(graph, folder / "vision.onnx")
     progress("checking vision.onnx against PyTorch (ONNX Runtime CPU)")
     for line in check_vision(graph, folder / "vision.onnx"):
         print(f"      {line}")
-    progress("writing tokenizer and manifest.json")
+    progress(f"exporting llm.onnx ({decoder.num_layers} layers, {decoder.dtype_name}, KV cache)")
+    llm_io, external = export_llm(decoder, folder / "llm.onnx")
+    progress("checking llm.onnx against PyTorch (prefill and decode)")
+    for line in check_llm(decoder, folder / "llm.onnx"):
+        print(f"      {line}")
+    progress("writing embeddings, tokenizer and manifest.json")
+    save_embeddings(loaded.model, folder / "embed_tokens.npy", decoder.dtype_name)
     loaded.tokenizer.save(str(folder / "tokenizer.json"))
+    token = loaded.tokenizer.id_to_token
     vc = loaded.model.config.vision_config
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -138,18 +153,34 @@ def _build_into(folder: Path, loaded, graph, progress: Progress) -> dict:
             "out_width": graph.out_width,
             "text_aware": graph.text_aware,
         },
+        "llm": {
+            "num_layers": decoder.num_layers,
+            "num_kv_heads": decoder.num_kv_heads,
+            "head_dim": decoder.head_dim,
+            "hidden_size": decoder.hidden_size,
+            "vocab_size": decoder.vocab_size,
+            "max_position_embeddings": decoder.max_positions,
+            "dtype": decoder.dtype_name,
+            "embed_tokens": "embed_tokens.npy",
+        },
         "tokens": {
             "image_token_id": loaded.image_token_id,
             "bos_token_id": loaded.bos_token_id,
             "eos_token_id": loaded.eos_token_id,
             "pad_token_id": loaded.pad_token_id,
         },
+        "prompt": prompt_formats(loaded.chat_template, token(loaded.image_token_id),
+                                 token(loaded.bos_token_id), token(loaded.eos_token_id)),
         "chat_template": loaded.chat_template,
-        "graphs": {"vision": {"file": "vision.onnx", **io.to_dict()}},
-        "precision": {"vision": "float32"},
+        "graphs": {"vision": {"file": "vision.onnx", **vision_io.to_dict()},
+                   "llm": {"file": "llm.onnx", **llm_io.to_dict()}},
+        "precision": {"vision": "float32", "llm": decoder.dtype_name, "embed_tokens": decoder.dtype_name},
         "tools": tool_versions(),
     }
-    manifest["artifacts"] = artifact_entries(folder, ["vision.onnx", "tokenizer.json"])
+    files = ["vision.onnx", "llm.onnx", "embed_tokens.npy", "tokenizer.json"]
+    if external:
+        files.append("llm.onnx.data")
+    manifest["artifacts"] = artifact_entries(folder, files)
     write_manifest(folder, manifest)
     return manifest
 
@@ -157,7 +188,8 @@ def _build_into(folder: Path, loaded, graph, progress: Progress) -> dict:
 def _quiet_exporter() -> None:
     """The exporter's chatter (optional torchvision ops, deprecations) is not the user's business."""
     warnings.filterwarnings("ignore")
-    logging.getLogger("torch").setLevel(logging.ERROR)
+    for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 
@@ -40,6 +41,12 @@ def test_engine_folder_is_complete_and_self_describing(engine):
     assert [o.name for o in session.get_outputs()] == list(declared["outputs"])
     assert [i.shape for i in session.get_inputs()] == [v["shape"] for v in declared["inputs"].values()]
     assert manifest["tokens"]["image_token_id"] >= 0 and "<image>" in manifest["chat_template"]
+    assert manifest["prompt"]["first_turn"] == "USER: <image>\n{prompt} ASSISTANT:"
+    assert set(manifest["artifacts"]) == {"vision.onnx", "llm.onnx", "embed_tokens.npy", "tokenizer.json"}
+    llm_session = ort.InferenceSession(str(engine / "llm.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in llm_session.get_inputs()] == list(manifest["graphs"]["llm"]["inputs"])
+    table = np.load(engine / "embed_tokens.npy")
+    assert table.shape == (manifest["llm"]["vocab_size"], manifest["llm"]["hidden_size"])
     assert not [p for p in engine.parent.iterdir() if p.name.endswith(".partial")]
 
 
