@@ -92,6 +92,16 @@ def time_interleaved(runners: dict, reps: int, warmup: int) -> dict[str, list[fl
     return times
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def summary(ms: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms), "n": len(ms)}
 
@@ -160,7 +170,7 @@ def main(argv=None) -> int:
         "widths": "tiny" if args.tiny else "ViT-L/14-336 (random init), projector 1024->4096->4096",
         "conditions": {"batch": 1, "image_size": 336, "text_len": TEXT_LEN, "dtype": "float32",
                        "provider": "CPUExecutionProvider", "threads": args.threads, "reps": args.reps,
-                       "warmup": args.warmup, "opset": OPSET, "cpu": platform.processor() or platform.machine(),
+                       "warmup": args.warmup, "opset": OPSET, "cpu": cpu_model(),
                        "cpu_count": os.cpu_count(), "versions": tool_versions()},
         "slots": {name: g.num_slots for name, g in exported.items()},
         "timings": results,
