@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -29,6 +28,8 @@ from sparsezip_deploy.export.manifest import tool_versions
 from sparsezip_deploy.export.vision import OPSET, VisionGraph, example_inputs, export_vision
 from sparsezip_deploy.sparsezip.config import NoneConfig, SparseZipConfig, VisionZipConfig
 from sparsezip_deploy.sparsezip.modules import project_text_to_vision
+
+from common import cpu_model
 
 REAL = dict(vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
             llm_hidden=4096)
@@ -90,16 +91,6 @@ def time_interleaved(runners: dict, reps: int, warmup: int) -> dict[str, list[fl
             run()
             times[name].append((time.perf_counter() - t0) * 1e3)
     return times
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def summary(ms: list[float]) -> dict[str, float]:
