@@ -1,8 +1,134 @@
-"""What every benchmark records about the machine it ran on."""
+"""What the benchmarks share: the engines they build, the runtime process they measure, the conditions they record.
+
+Engines: a random-init LLaVA of a chosen size (`SIZES`) and one engine per
+method (`METHODS`), built once under a work folder with export/build.py and
+reused by later runs.
+
+The runtime process: `measure()` runs one engine in a fresh Python process
+that imports the runtime alone (never torch, whose import alone costs hundreds
+of MB), so its RSS is what a deployment would see and no engine's peak mixes
+with another's. Run as a script, this file is that process and prints one
+JSON object; nothing at module level imports torch for that reason.
+"""
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
+import json
+import os
 import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
 from pathlib import Path
+
+# TinyConfig fields per size (export/tiny.py); the image side is always CLIP ViT-L/14-336.
+VIT_L = dict(vision_hidden=1024, vision_heads=16, vision_layers=24, vision_mlp=4096, qk_scale=1.0)
+SIZES: dict[str, dict] = {
+    "tiny": {},
+    # A 24-layer 1280-wide MHA Llama (0.48B without embeddings): minutes on 2 cores.
+    "vitl-0.5b": dict(VIT_L, llm_hidden=1280, llm_heads=20, llm_kv_heads=20, llm_layers=24, llm_mlp=3456),
+    # TinyLlama-1.1B widths (grouped-query attention, 4 kv heads).
+    "vitl-1.1b": dict(VIT_L, llm_hidden=2048, llm_heads=32, llm_kv_heads=4, llm_layers=22, llm_mlp=5632),
+    # Vicuna-7B widths (LLaVA-1.5-7B): ~26 GB of float32 weights, for machines that hold them.
+    "vitl-7b": dict(VIT_L, llm_hidden=4096, llm_heads=32, llm_kv_heads=32, llm_layers=32, llm_mlp=11008),
+}
+DEFAULT_SIZE = "vitl-0.5b"
+
+# export/build.py options per method. VisionZip keeps its paper's dominant:contextual
+# split (54:10, 108:20, 162:30); sparsezip-64 is fixed K (1 + 53 + 10 slots), without text.
+METHODS: dict[str, tuple[str, ...]] = {
+    "none": ("--method", "none"),
+    "visionzip-64": ("--method", "visionzip"),
+    "visionzip-128": ("--method", "visionzip", "--dominant", "108", "--contextual", "20"),
+    "visionzip-192": ("--method", "visionzip", "--dominant", "162", "--contextual", "30"),
+    "sparsezip-64": ("--method", "sparsezip", "--beta", "0"),
+    "sparsezip-dynamic": ("--method", "sparsezip", "--beta", "0", "--dynamic-k"),
+    "sparsezip-64-text": ("--method", "sparsezip"),
+}
+PROMPT = "What colour is the small circle in the middle of the picture?"
+IMAGE = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
+# What the runtime process imports; the figures are only as good as these versions.
+PACKAGES = ("sparsezip-deploy", "numpy", "onnxruntime", "tokenizers", "Pillow", "matplotlib")
+
+
+def ensure_engines(work: Path, size: str, methods: list[str]) -> dict[str, Path]:
+    """The random model `work/model-<size>` and `work/engines/<size>-<method>`, built where missing."""
+    from sparsezip_deploy.export import build
+    from sparsezip_deploy.export.tiny import BUILD_INFO, TinyConfig, build_tiny
+
+    model = work / f"model-{size}"
+    if not (model / BUILD_INFO).exists():
+        print(f"building the random {size} model in {model}", flush=True)
+        build_tiny(model, tiny=TinyConfig(**SIZES[size]))
+    engines = {}
+    for name in methods:
+        out = work / "engines" / f"{size}-{name}"
+        if not (out / "manifest.json").exists():
+            print(f"building engine {out.name}", flush=True)
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                if build.main(["--model", str(model), "--out", str(out), "--force", *METHODS[name]]) != 0:
+                    raise SystemExit(f"building {out.name} failed")
+            print(f"  built in {time.perf_counter() - t0:.0f}s", flush=True)
+        engines[name] = out
+    return engines
+
+
+def engines_by_name(dirs: list[Path]) -> dict[str, Path]:
+    """Engine folders given on the command line, named by folder; each checked to be one."""
+    engines = {d.name: d for d in dirs if _method_of(d)}
+    if len(engines) != len(dirs):
+        raise SystemExit("error: two engine folders share a name")
+    return engines
+
+
+def baseline_name(engines: dict[str, Path]) -> str:
+    """The engine of method `none`, which every speedup and saving is relative to."""
+    for name, engine in engines.items():
+        if _method_of(engine) == "none":
+            return name
+    raise SystemExit("error: the speedups are relative to a method `none` engine; pass one")
+
+
+def _method_of(engine: Path) -> str:
+    try:
+        return json.loads((engine / "manifest.json").read_text())["method"]["method"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: {engine} is not an engine folder ({e})") from None
+
+
+def measure(engine: Path, image: Path, prompt: str, new_tokens: int, warmup: int, threads: int,
+            profile_runs: int = 0, profile_dir: Path | None = None) -> dict:
+    """One fresh runtime process on `engine`: `warmup` questions, then one timed; its figures."""
+    cmd = [sys.executable, __file__, "--engine", str(engine), "--image", str(image), "--prompt", prompt,
+           "--new-tokens", str(new_tokens), "--warmup", str(warmup), "--threads", str(threads)]
+    if profile_runs:
+        cmd += ["--profile-runs", str(profile_runs), "--profile-dir", str(profile_dir)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"error: the runtime process on {engine} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def conditions(args: argparse.Namespace, engines: dict[str, Path]) -> dict:
+    """The run conditions every benchmark JSON carries."""
+    manifest = json.loads(next(iter(engines.values())).joinpath("manifest.json").read_text())
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return {
+        "image": str(args.image), "image_size": manifest["vision"]["image_size"], "prompt": args.prompt,
+        "batch": 1, "new_tokens": args.new_tokens, "warmup": args.warmup,
+        "threads": args.threads, "provider": "CPUExecutionProvider", "dtypes": manifest["precision"],
+        "llm": manifest["llm"], "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+        "machine": platform.machine(), "versions": versions, "engine_tools": manifest["tools"],
+    }
 
 
 def cpu_model() -> str:
@@ -13,3 +139,83 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def weight_bytes(engine: Path) -> int:
+    """The model's weights as the engine stores them: graphs (+ external data) and the embedding table."""
+    artifacts = json.loads((engine / "manifest.json").read_text())["artifacts"]
+    return sum(a["bytes"] for name, a in artifacts.items() if name != "tokenizer.json")
+
+
+# -- the runtime process (this file run as a script)
+
+def _status() -> dict[str, int]:
+    """Resident and peak memory now, bytes: VmRSS, VmHWM (peak), RssAnon (heap), RssFile (mapped files)."""
+    keys = {"VmRSS": "rss", "VmHWM": "peak", "RssAnon": "anon", "RssFile": "file"}
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in keys:
+            out[keys[key]] = int(value.split()[0]) * 1024
+    return out
+
+
+def _child(argv: list[str]) -> dict:
+    p = argparse.ArgumentParser()
+    p.add_argument("--engine", type=Path, required=True)
+    p.add_argument("--image", type=Path, required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--new-tokens", type=int, required=True)
+    p.add_argument("--warmup", type=int, required=True)
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--profile-runs", type=int, default=0)
+    p.add_argument("--profile-dir", type=Path)
+    args = p.parse_args(argv)
+
+    figures = {"rss_start": _status()["rss"]}
+    t0 = time.perf_counter()
+    from sparsezip_deploy.runtime.pipeline import Pipeline
+    figures.update(import_s=time.perf_counter() - t0, imported=_status(), torch_imported="torch" in sys.modules)
+
+    t0 = time.perf_counter()
+    pipe = Pipeline(args.engine, threads=args.threads, verify_checksums=False)
+    figures.update(load_s=time.perf_counter() - t0, loaded=_status())
+    for _ in range(args.warmup):
+        pipe.ask(args.image, args.prompt, args.new_tokens)
+    chat = pipe.conversation(args.image)
+    result = chat.ask(args.prompt, args.new_tokens)
+    figures.update(result.to_json(), end=_status(),
+                   kv_bytes_fed=sum(a.nbytes for a in chat.cache.past_feeds().values()),
+                   kv_bytes_per_token=chat.cache.per_token_bytes)
+    if args.profile_runs:
+        figures["profile"] = _profile_vision(pipe, chat, args)
+    return figures
+
+
+def _profile_vision(pipe, chat, args: argparse.Namespace) -> str:
+    """ORT's per-node trace of the vision graph on the feeds the timed question used; its path."""
+    import onnxruntime as ort
+
+    from sparsezip_deploy.runtime.generate import text_features
+    from sparsezip_deploy.runtime.prompt import first_turn_ids
+
+    engine = pipe.engine
+    feeds = {"pixel_values": chat.pixel_values}
+    if engine.vision.text_aware:
+        ids = first_turn_ids(pipe.tokenizer, engine.prompt, engine.tokens, args.prompt, False)
+        feeds.update(text_features(pipe.table, ids.text_ids))
+    pipe.close()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
+    so.enable_profiling = True
+    args.profile_dir.mkdir(parents=True, exist_ok=True)
+    so.profile_file_prefix = str(args.profile_dir / args.engine.name)
+    session = ort.InferenceSession(str(engine.path(engine.graphs["vision"].file)), so,
+                                   providers=["CPUExecutionProvider"])
+    for _ in range(1 + args.profile_runs):  # the first run warms up and is dropped when read
+        session.run(None, feeds)
+    return session.end_profiling()
+
+
+if __name__ == "__main__":
+    print(json.dumps(_child(sys.argv[1:])))

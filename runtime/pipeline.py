@@ -78,7 +78,9 @@ class Pipeline:
         self.tokenizer = load_tokenizer(self.engine)
         self.table = self._load_table()
         graphs = self.engine.graphs
-        self.vision = OrtBackend(self.engine.path(graphs["vision"].file), graphs["vision"], options)
+        # One vision run per image, then the LLM's: its threads must not spin on after it.
+        self.vision = OrtBackend(self.engine.path(graphs["vision"].file), graphs["vision"],
+                                 replace(options, spin=False))
         self.llm = OrtBackend(self.engine.path(graphs["llm"].file), graphs["llm"], options)
         self.vision.activate()
         self.llm.activate()

@@ -1,0 +1,201 @@
+"""Latency and KV cache of none / VisionZip / SparseZip engines, side by side.
+
+    python benchmarks/latency.py --build --work /tmp/szbench [--size vitl-0.5b] [--reps 5]
+    python benchmarks/latency.py --engines engines/a engines/b ...   # one of them method none
+
+`--build` makes (once, reused later) a random-init LLaVA at realistic widths
+(CLIP ViT-L/14-336 + a Llama decoder of `--size`) and an engine per method of
+common.METHODS. Each engine then answers the same image and prompt in a fresh
+runtime process (common.measure), round after round, engines interleaved so
+that load drifts hit all alike; every process warms up before its timed
+question. Reported per engine: medians and spread of vision ms, the
+compression's share of it (ORT per-node profile of the vision graph), prefill
+ms, TTFT, decode tokens/s, peak RSS; visual tokens kept and KV bytes. Derived
+against `none`: prefill speedup, that speedup as a fraction of the ideal
+token ratio (prompt positions without / with compression), TTFT speedup, KV
+saved. Goals are reported, never asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import (DEFAULT_SIZE, IMAGE, METHODS, PROMPT, SIZES, baseline_name, conditions, engines_by_name,
+                    ensure_engines, measure)
+
+TIMED = ("vision_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s")
+GOALS = {"fraction_of_ideal_at_64": ">= 0.9", "compression_share_of_vision": "<= 0.01",
+         "kv_bytes": "== positions x per-token bytes (visual part: kept x per-token)"}
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    size: str = DEFAULT_SIZE
+    reps: int = 5
+    warmup: int = 1
+    new_tokens: int = 8
+    profile_runs: int = 3  # vision runs profiled per engine, in the last round
+    threads: int = os.cpu_count() or 1
+    out: Path = Path("benchmarks/results/latency.json")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    d = LatencyConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--engines", type=Path, nargs="+", help="engine folders, one of them method none")
+    which.add_argument("--build", action="store_true", help="build (or reuse) the engines of --methods in --work")
+    p.add_argument("--work", type=Path, help="with --build: where the model and engines are kept")
+    p.add_argument("--size", choices=list(SIZES), default=d.size)
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--image", type=Path, default=IMAGE)
+    p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--reps", type=int, default=d.reps)
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--new-tokens", type=int, default=d.new_tokens)
+    p.add_argument("--profile-runs", type=int, default=d.profile_runs)
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--out", type=Path, default=d.out, help="JSON; the plots go next to it")
+    args = p.parse_args(argv)
+    if args.build and args.work is None:
+        p.error("--build needs --work")
+    if args.build and "none" not in args.methods:
+        p.error("--methods must include none: the speedups are relative to it")
+    if min(args.reps, args.profile_runs) < 1:
+        p.error("--reps and --profile-runs must be >= 1 (the compression share comes from the profile)")
+    return args
+
+
+def run_rounds(engines: dict[str, Path], args: argparse.Namespace, profile_dir: Path) -> dict[str, list[dict]]:
+    names = list(engines)
+    runs = defaultdict(list)
+    for rep in range(args.reps):
+        # Rotating the order keeps any engine from always following the same neighbour.
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            last = rep == args.reps - 1
+            fig = measure(engines[name], args.image, args.prompt, args.new_tokens, args.warmup, args.threads,
+                          args.profile_runs if last else 0, profile_dir)
+            runs[name].append(fig)
+            print(f"round {rep + 1}/{args.reps} {name:<20} vision {fig['vision_ms']:8.1f} ms  "
+                  f"prefill {fig['prefill_ms']:8.1f} ms  TTFT {fig['ttft_ms']:8.1f} ms", flush=True)
+    return runs
+
+
+def vision_split(trace: Path, model: Path) -> dict[str, float]:
+    """ms per run of the vision graph's nodes: encoder / compression / projector (+ unattributed).
+
+    The exporter records, per node, the line of VisionGraph.forward it came from;
+    ORT keeps the original node name before the first '/' when it fuses nodes.
+    Layout nodes ORT inserts itself (NCHWc reorders) have no origin: unattributed.
+    """
+    import onnx
+
+    part = {}
+    for node in onnx.load(str(model)).graph.node:
+        line = {p.key: p.value for p in node.metadata_props}.get("pkg.torch.onnx.stack_trace", "")
+        part[node.name] = ("encoder" if "self.encode(" in line else
+                           "compression" if "self.compressor(" in line or "project_text_to_vision(" in line
+                           else "projector")
+    events = json.loads(trace.read_text())
+    runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    after_warmup = runs[0]["ts"] + runs[0]["dur"]
+    us = defaultdict(float)
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= after_warmup:
+            us[part.get(e["name"].split("/")[0].removesuffix("_kernel_time"), "unattributed")] += e["dur"]
+    split = {k: us[k] / 1e3 / (len(runs) - 1) for k in ("encoder", "compression", "projector", "unattributed")}
+    split["share_of_vision"] = split["compression"] / sum(split.values())
+    return split
+
+
+def spread(values: list[float | None]) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarise(runs: dict[str, list[dict]], engines: dict[str, Path]) -> dict[str, dict]:
+    report = {}
+    for name, figs in runs.items():
+        last = figs[-1]
+        row = {key: spread([f[key] for f in figs]) for key in TIMED}
+        # VmHWM, not the Result's getrusage figure: Linux carries ru_maxrss across execve, so a
+        # process started by this (torch-importing) script would report this script's peak.
+        row["peak_rss_bytes"] = spread([f["end"]["peak"] for f in figs])
+        vision_file = json.loads((engines[name] / "manifest.json").read_text())["graphs"]["vision"]["file"]
+        row["vision_split_ms"] = vision_split(Path(last["profile"]), engines[name] / vision_file)
+        per_token, positions = last["kv_bytes_per_token"], last["prompt_tokens"] + len(last["token_ids"]) - 1
+        row.update({k: last[k] for k in ("visual_tokens_kept", "visual_tokens_total", "prompt_tokens",
+                                         "prompt_text_tokens", "kv_bytes", "kv_bytes_fed", "kv_bytes_allocated",
+                                         "kv_bytes_uncompressed", "kv_bytes_per_token")})
+        row["generated_tokens"] = len(last["token_ids"])
+        row["kv_exact"] = (last["kv_bytes_fed"] == last["kv_bytes"] == positions * per_token and
+                           last["kv_bytes_uncompressed"] - last["kv_bytes"] ==
+                           (last["visual_tokens_total"] - last["visual_tokens_kept"]) * per_token)
+        row["kv_visual_bytes"] = last["visual_tokens_kept"] * per_token
+        report[name] = row
+    return report
+
+
+def derive(report: dict[str, dict], base: str) -> None:
+    """Speedups and savings against `base`, in place; each row's figures are medians."""
+    b = report[base]
+    for row in report.values():
+        ideal = b["prompt_tokens"] / row["prompt_tokens"]  # (visual + text) / (kept + text)
+        speedup = b["prefill_ms"]["median"] / row["prefill_ms"]["median"]
+        saved = row["kv_bytes_uncompressed"] - row["kv_bytes"]
+        split = row["vision_split_ms"]
+        row.update(ideal_ratio=ideal, prefill_speedup=speedup, fraction_of_ideal=speedup / ideal,
+                   ttft_speedup=b["ttft_ms"]["median"] / row["ttft_ms"]["median"],
+                   kv_saved_bytes=saved, kv_saved_pct=100.0 * saved / row["kv_bytes_uncompressed"],
+                   compression_ms=split["share_of_vision"] * row["vision_ms"]["median"])
+
+
+def print_table(report: dict[str, dict]) -> None:
+    print(f"{'method':<20} {'kept':>4} {'vision':>8} {'compr':>6} {'prefill':>8} {'TTFT':>8} {'tok/s':>6} "
+          f"{'KV MiB':>7} {'saved':>6} {'speedup':>7} {'ideal':>6} {'frac':>5} {'peak RSS':>9} exact")
+    for name, r in report.items():
+        tps = r["decode_tokens_per_s"]
+        print(f"{name:<20} {r['visual_tokens_kept']:>4} {r['vision_ms']['median']:>8.1f} "
+              f"{100 * r['vision_split_ms']['share_of_vision']:>5.2f}% {r['prefill_ms']['median']:>8.1f} "
+              f"{r['ttft_ms']['median']:>8.1f} {tps['median'] if tps else float('nan'):>6.2f} "
+              f"{r['kv_bytes'] / 2**20:>7.2f} {r['kv_saved_pct']:>5.1f}% {r['prefill_speedup']:>6.2f}x "
+              f"{r['ideal_ratio']:>5.2f}x {r['fraction_of_ideal']:>5.2f} "
+              f"{r['peak_rss_bytes']['median'] / 2**30:>5.2f} GiB {r['kv_exact']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.build:
+        engines = ensure_engines(args.work, args.size, args.methods)
+    else:
+        engines = engines_by_name(args.engines)
+    base = baseline_name(engines)
+    with tempfile.TemporaryDirectory() as profile_dir:
+        runs = run_rounds(engines, args, Path(profile_dir))
+        report = summarise(runs, engines)
+    derive(report, base)
+    out = {"benchmark": "latency", "size": args.size if args.build else None, "baseline": base,
+           "engines": {name: str(path) for name, path in engines.items()},
+           "conditions": {**conditions(args, engines), "reps": args.reps}, "methods": report, "goals": GOALS}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print_table(report)
+    from plots import latency_plots
+
+    for path in latency_plots(report, base, args.out.with_suffix("")):
+        print(f"wrote {path}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""Each benchmark runs end to end on the tiny model, one repetition, so the scripts cannot rot.
+
+Figures are not checked (timings are never asserted); what is checked is that each
+script exits 0 and writes every figure and plot it promises.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+METHODS = ["none", "sparsezip-64-text"]  # the baseline and the text-aware path: two builds keep it quick
+
+
+def run(script: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def latency(tmp_path_factory) -> tuple[Path, dict]:
+    work = tmp_path_factory.mktemp("bench")
+    out = work / "results" / "latency.json"
+    run("latency.py", "--build", "--work", str(work), "--size", "tiny", "--methods", *METHODS, "--reps", "1",
+        "--warmup", "0", "--new-tokens", "3", "--profile-runs", "1", "--out", str(out))
+    return work, json.loads(out.read_text())
+
+
+def test_latency_reports_every_figure_and_plot(latency):
+    work, report = latency
+    assert set(report["methods"]) == set(METHODS) and report["baseline"] == "none"
+    for key in ("prompt", "image_size", "batch", "dtypes", "provider", "versions", "cpu", "threads", "reps"):
+        assert key in report["conditions"], key
+    for row in report["methods"].values():
+        for key in ("vision_ms", "prefill_ms", "ttft_ms", "peak_rss_bytes"):
+            assert row[key]["n"] == 1 and row[key]["median"] > 0, key
+        assert 0 <= row["vision_split_ms"]["share_of_vision"] <= 1
+        assert row["kv_exact"]
+        for key in ("prefill_speedup", "fraction_of_ideal", "ttft_speedup", "kv_saved_bytes", "kv_saved_pct"):
+            assert key in row, key
+    assert report["methods"]["sparsezip-64-text"]["visual_tokens_kept"] == 64
+    for plot in ("ttft", "kv", "prefill-speedup"):
+        assert (work / "results" / f"latency-{plot}.png").stat().st_size > 0
+
+
+def test_memory_splits_the_peak_and_never_imports_torch(latency, tmp_path):
+    work, _ = latency
+    out = tmp_path / "memory.json"
+    engines = [str(work / "engines" / f"tiny-{m}") for m in METHODS]
+    run("memory.py", "--engines", *engines, "--new-tokens", "3", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["runtime_import"]["torch_imported"] is False
+    for row in report["methods"].values():
+        assert row["peak_rss_bytes"] == row["weights_bytes"] + row["kv_bytes_allocated"] + row["rest_bytes"]
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_vision_overhead(tmp_path):
+    out = tmp_path / "vision_overhead.json"
+    run("vision_overhead.py", "--tiny", "--reps", "1", "--warmup", "0", "--out", str(out))
+    assert "compression_share_of_vision" in json.loads(out.read_text())["derived"]["sparsezip-64"]
