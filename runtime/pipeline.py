@@ -64,6 +64,14 @@ class Result:
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak RSS. Linux: VmHWM, because ru_maxrss survives execve and would
+    report the peak of whatever process started this one if that was larger."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
 
