@@ -1,0 +1,262 @@
+"""Accuracy vs kept visual tokens: a model trained on generated scenes, on the held-out questions.
+
+    python benchmarks/accuracy.py --model MODEL_DIR     # budgets 16 32 64 128, 50 questions per type
+
+Every method is an engine built with export/build.py and asked through the runtime's
+`Pipeline` (ONNX Runtime CPU, greedy), exactly as a deployment would; the uncompressed
+PyTorch model (transformers `generate`) is scored too, to show the export loses nothing.
+At each budget B (visual tokens the LLM sees):
+
+- visionzip: B - m dominant (CLS included) + m contextual tokens;
+- sparsezip fixed K: CLS + K = B - 1 - m patches + m contextual, with (`-text`) and
+  without the text term;
+- sparsezip dynamic K: K from the score variance, its offset fitted here on scenes
+  outside the held-out set so that the mean K is B - 1 - m (as calib/ would fit it);
+  the plot puts it at the mean kept count it actually reached.
+
+m = round(10 B / 64), VisionZip's 54:10 split. Writes JSON (per method, budget and
+question type, small-object questions apart, chance per type) and a PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import platform
+import time
+from collections import Counter
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from sparsezip_deploy.scenes.questions import (CHANCE, HELDOUT_PER_TYPE, HELDOUT_SEED, TYPES, Example, ask,
+                                               heldout)
+from sparsezip_deploy.scenes.scene import render, sample_scene
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CALIBRATION_SEED = 7  # scenes for fitting the dynamic-K offset; not the held-out seed
+# Probe engines write K = round(PROBE_C + PROBE_G * log var(s)): log var(s) read back to 1/PROBE_G.
+PROBE_C, PROBE_G = 450.0, 50.0
+DYNAMIC_SCALE = 8.0  # g of the deployed dynamic engines: the default SparseZipConfig.k_scale
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # method label in the report and the plot
+    budget: int | None  # requested visual tokens; None for the uncompressed model
+    options: tuple[str, ...]  # export/build.py options
+
+
+def contextual(budget: int) -> int:
+    return max(1, round(10 * budget / 64))
+
+
+def fixed_variants(budget: int) -> list[Variant]:
+    m = contextual(budget)
+    k = budget - 1 - m
+    fixed = ("--method", "sparsezip", "--k-max", str(k), "--k-min", str(k), "--contextual", str(m))
+    return [Variant("visionzip", budget, ("--method", "visionzip", "--dominant", str(budget - m),
+                                          "--contextual", str(m))),
+            Variant("sparsezip", budget, (*fixed, "--beta", "0")),
+            Variant("sparsezip-text", budget, fixed)]
+
+
+def build(work: Path, model: str, label: str, options: tuple[str, ...]) -> Path:
+    from sparsezip_deploy.export import build as build_script
+
+    out = work / label
+    if not (out / "manifest.json").exists():
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            if build_script.main(["--model", model, "--out", str(out), "--force", *options]) != 0:
+                raise SystemExit(f"building {label} failed")
+        print(f"built {label} in {time.perf_counter() - t0:.0f}s", flush=True)
+    return out
+
+
+def kept_tokens(engine: Path, examples: list[Example], threads: int) -> np.ndarray:
+    from sparsezip_deploy.runtime.pipeline import Pipeline
+
+    with Pipeline(engine, threads=threads) as pipe:
+        return np.array([pipe.ask(render(e.scene)[0], e.question.text, max_new_tokens=1).visual_tokens_kept
+                         for e in examples])
+
+
+def fit_offset(log_var: np.ndarray, target_k: int, k_min: int, k_max: int) -> float:
+    """The c that makes mean(clamp(round(c + g log var), k_min, k_max)) closest to target_k."""
+    def mean_k(c: float) -> float:
+        return float(np.clip(np.round(c + DYNAMIC_SCALE * log_var), k_min, k_max).mean())
+
+    low, high = k_min - DYNAMIC_SCALE * log_var.max() - 1, k_max - DYNAMIC_SCALE * log_var.min() + 1
+    for _ in range(50):  # mean_k is non-decreasing in c: bisect
+        mid = (low + high) / 2
+        low, high = (mid, high) if mean_k(mid) < target_k else (low, mid)
+    return round(high, 3)
+
+
+def dynamic_variants(work: Path, model: str, budgets: list[int], calibration: list[Example],
+                     threads: int) -> list[Variant]:
+    variants = []
+    for text in (False, True):
+        beta = () if text else ("--beta", "0")
+        # One probe per text setting: the scores (and their variance) do not depend on K or m.
+        probe = build(work, model, f"probe{'-text' if text else ''}",
+                      ("--method", "sparsezip", "--dynamic-k", "--k-offset", str(PROBE_C), "--k-scale",
+                       str(PROBE_G), "--k-min", "1", "--k-max", "560", "--contextual", "10", *beta))
+        k = kept_tokens(probe, calibration, threads) - 1 - 10
+        assert (k > 1).all() and (k < 560).all(), "probe K clamped: widen PROBE_C / PROBE_G"
+        log_var = (k - PROBE_C) / PROBE_G
+        for budget in budgets:
+            m = contextual(budget)
+            target = budget - 1 - m
+            k_min, k_max = max(1, target // 3), min(2 * target, 575 - m)
+            offset = fit_offset(log_var, target, k_min, k_max)
+            variants.append(Variant(f"sparsezip-dynamic{'-text' if text else ''}", budget, (
+                "--method", "sparsezip", "--dynamic-k", "--k-offset", str(offset), "--k-scale",
+                str(DYNAMIC_SCALE), "--k-min", str(k_min), "--k-max", str(k_max), "--contextual", str(m),
+                *beta)))
+    return variants
+
+
+def score(answers: list[str], examples: list[Example]) -> dict:
+    right = [a.strip() == e.question.answer for a, e in zip(answers, examples)]
+    by_type = {t: float(np.mean([r for r, e in zip(right, examples) if e.question.type == t])) for t in TYPES}
+    small = [r for r, e in zip(right, examples) if e.question.small]
+    return {"all": float(np.mean(right)), "by_type": by_type, "small_objects": float(np.mean(small))}
+
+
+def run_engine(engine: Path, examples: list[Example], threads: int) -> tuple[list[str], float]:
+    from sparsezip_deploy.runtime.pipeline import Pipeline
+
+    answers, kept = [], []
+    with Pipeline(engine, threads=threads) as pipe:
+        for e in examples:
+            result = pipe.ask(render(e.scene)[0], e.question.text, max_new_tokens=4)
+            answers.append(result.text)
+            kept.append(result.visual_tokens_kept)
+    return answers, float(np.mean(kept))
+
+
+def run_pytorch(model: str, examples: list[Example]) -> list[str]:
+    """transformers' own pipeline: its PIL image processor, its prompt expansion, `generate`."""
+    import torch
+    from transformers import AutoProcessor
+
+    from sparsezip_deploy.export.models import load_model
+    from sparsezip_deploy.export.prompt import prompt_formats
+
+    loaded = load_model(model)
+    processor = AutoProcessor.from_pretrained(loaded.source["path"], backend="pil")
+    token = loaded.tokenizer.id_to_token
+    first = prompt_formats(loaded.chat_template, token(loaded.image_token_id), token(loaded.bos_token_id),
+                           token(loaded.eos_token_id))["first_turn"]
+    answers = []
+    for e in examples:
+        inputs = processor(images=render(e.scene)[0], text=first.replace("{prompt}", e.question.text),
+                           return_tensors="pt")
+        with torch.no_grad():
+            out = loaded.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        answers.append(loaded.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:].tolist(),
+                                               skip_special_tokens=True))
+    return answers
+
+
+def chance(examples: list[Example]) -> dict:
+    """Uniform guessing over a type's answers, and always giving its most frequent held-out answer."""
+    majority = {t: Counter(e.question.answer for e in examples if e.question.type == t).most_common(1)[0][1]
+                / sum(e.question.type == t for e in examples) for t in TYPES}
+    return {"uniform": CHANCE, "majority": majority}
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: a benchmark machine often has no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, key, title in ((axes[0], "all", "all held-out questions"),
+                           (axes[1], "small_objects", "questions about the small shape")):
+        methods = sorted({r["method"] for r in report["results"] if r["budget"] is not None})
+        for method in methods:
+            rows = sorted((r for r in report["results"] if r["method"] == method), key=lambda r: r["kept_mean"])
+            ax.plot([r["kept_mean"] for r in rows], [100 * r[key] for r in rows], marker="o", label=method)
+        base = next(r for r in report["results"] if r["method"] == "none")
+        ax.axhline(100 * base[key], color="black", linestyle="--", label="none (576 tokens)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("visual tokens kept (mean)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{report['conditions']['model']} model, {report['conditions']['questions']} held-out questions, "
+                 "ONNX Runtime CPU, greedy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="export/build.py --model: a folder trained by train/train.py ('tiny' for a smoke run)")
+    p.add_argument("--budgets", type=int, nargs="+", default=[16, 32, 64, 128])
+    p.add_argument("--per-type", type=int, default=HELDOUT_PER_TYPE, help="held-out questions per type")
+    p.add_argument("--calibration", type=int, default=48, help="scenes to fit the dynamic-K offset on")
+    p.add_argument("--work", type=Path, default=RESULTS / "accuracy-engines", help="engine folders (reused)")
+    p.add_argument("--out", type=Path, default=RESULTS / "accuracy.json", help="JSON report; the PNG goes beside it")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip-pytorch", action="store_true", help="do not score the PyTorch model")
+    args = p.parse_args(argv)
+
+    examples = heldout(per_type=args.per_type)
+    rng = np.random.default_rng(CALIBRATION_SEED)
+    calibration = []
+    for _ in range(args.calibration):
+        scene = sample_scene(rng)
+        questions = ask(scene, rng)
+        calibration.append(Example(scene, questions[int(rng.integers(len(questions)))]))
+    variants = [Variant("none", None, ("--method", "none"))]
+    variants += [v for b in args.budgets for v in fixed_variants(b)]
+    variants += dynamic_variants(args.work, args.model, args.budgets, calibration, args.threads)
+
+    results = []
+    for v in variants:
+        label = v.name if v.budget is None else f"{v.name}-{v.budget}"
+        engine = build(args.work, args.model, label, v.options)
+        t0 = time.perf_counter()
+        answers, kept = run_engine(engine, examples, args.threads)
+        results.append({"method": v.name, "budget": v.budget, "kept_mean": kept, "build_options": list(v.options),
+                        **score(answers, examples)})
+        print(f"{label:28s} kept {kept:6.1f}  accuracy {100 * results[-1]['all']:5.1f}%  "
+              f"small {100 * results[-1]['small_objects']:5.1f}%  ({time.perf_counter() - t0:.0f}s)", flush=True)
+        if v.name == "none":
+            deployed_answers = answers
+
+    report = {"conditions": {
+        "model": args.model, "heldout_seed": HELDOUT_SEED, "questions": len(examples),
+        "per_type": args.per_type, "small_object_questions": sum(e.question.small for e in examples),
+        "calibration_scenes": args.calibration, "provider": "ORT CPU", "threads": args.threads,
+        "decoding": "greedy", "machine": platform.machine(), "python": platform.python_version(),
+        "versions": {name: metadata.version(name) for name in ("onnxruntime", "numpy", "torch", "transformers")},
+    }, "chance": chance(examples), "results": results}
+    if not args.skip_pytorch:
+        torch_answers = run_pytorch(args.model, examples)
+        report["pytorch"] = {**score(torch_answers, examples),
+                             "same_answers_as_deployed_none": float(np.mean(
+                                 [a.strip() == b.strip() for a, b in zip(torch_answers, deployed_answers)]))}
+        print(f"{'pytorch (HF generate)':28s} accuracy {100 * report['pytorch']['all']:5.1f}%  "
+              f"same answers as deployed none: {100 * report['pytorch']['same_answers_as_deployed_none']:.1f}%")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    plot(report, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Training of the embedded default model: a small LLaVA on generated scenes."""
