@@ -21,7 +21,6 @@ import platform
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 # TinyConfig fields per size (export/tiny.py); the image side is always CLIP ViT-L/14-336.
@@ -52,6 +51,29 @@ PROMPT = "What colour is the small circle in the middle of the picture?"
 IMAGE = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
 # What the runtime process imports; the figures are only as good as these versions.
 PACKAGES = ("sparsezip-deploy", "numpy", "onnxruntime", "tokenizers", "Pillow", "matplotlib")
+
+
+def engine_parser(doc: str, size: str, new_tokens: int, threads: int, out: Path) -> argparse.ArgumentParser:
+    """The arguments latency.py and memory.py share: which engines, which question, where to write."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--engines", type=Path, nargs="+", help="engine folders, one of them method none")
+    which.add_argument("--build", action="store_true", help="build (or reuse) the engines of --methods in --work")
+    p.add_argument("--work", type=Path, help="with --build: where the model and engines are kept")
+    p.add_argument("--size", choices=list(SIZES), default=size)
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--image", type=Path, default=IMAGE)
+    p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--new-tokens", type=int, default=new_tokens)
+    p.add_argument("--threads", type=int, default=threads)
+    p.add_argument("--out", type=Path, default=out, help="JSON; the plots go next to it")
+    return p
+
+
+def check_engine_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.build and args.work is None:
+        p.error("--build needs --work")
 
 
 def ensure_engines(work: Path, size: str, methods: list[str]) -> dict[str, Path]:
@@ -116,12 +138,9 @@ def measure(engine: Path, image: Path, prompt: str, new_tokens: int, warmup: int
 def conditions(args: argparse.Namespace, engines: dict[str, Path]) -> dict:
     """The run conditions every benchmark JSON carries."""
     manifest = json.loads(next(iter(engines.values())).joinpath("manifest.json").read_text())
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "absent"
+    from sparsezip_deploy.export.manifest import tool_versions  # torch-free; kept out of the child's imports
+
+    versions = tool_versions(PACKAGES)
     return {
         "image": str(args.image), "image_size": manifest["vision"]["image_size"], "prompt": args.prompt,
         "batch": 1, "new_tokens": args.new_tokens, "warmup": args.warmup,

@@ -26,7 +26,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import (DEFAULT_SIZE, IMAGE, METHODS, PROMPT, SIZES, baseline_name, conditions, engines_by_name,
+from common import (DEFAULT_SIZE, baseline_name, check_engine_args, conditions, engine_parser, engines_by_name,
                     ensure_engines, measure)
 
 TIMED = ("vision_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s")
@@ -47,25 +47,12 @@ class LatencyConfig:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d = LatencyConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--engines", type=Path, nargs="+", help="engine folders, one of them method none")
-    which.add_argument("--build", action="store_true", help="build (or reuse) the engines of --methods in --work")
-    p.add_argument("--work", type=Path, help="with --build: where the model and engines are kept")
-    p.add_argument("--size", choices=list(SIZES), default=d.size)
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    p.add_argument("--image", type=Path, default=IMAGE)
-    p.add_argument("--prompt", default=PROMPT)
+    p = engine_parser(__doc__, d.size, d.new_tokens, d.threads, d.out)
     p.add_argument("--reps", type=int, default=d.reps)
     p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--new-tokens", type=int, default=d.new_tokens)
     p.add_argument("--profile-runs", type=int, default=d.profile_runs)
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--out", type=Path, default=d.out, help="JSON; the plots go next to it")
     args = p.parse_args(argv)
-    if args.build and args.work is None:
-        p.error("--build needs --work")
+    check_engine_args(p, args)
     if args.build and "none" not in args.methods:
         p.error("--methods must include none: the speedups are relative to it")
     if min(args.reps, args.profile_runs) < 1:

@@ -22,7 +22,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import (DEFAULT_SIZE, IMAGE, METHODS, PROMPT, SIZES, conditions, engines_by_name, ensure_engines,
+from common import (DEFAULT_SIZE, check_engine_args, conditions, engine_parser, engines_by_name, ensure_engines,
                     measure, weight_bytes)
 
 GOAL = 1.15
@@ -38,22 +38,9 @@ class MemoryConfig:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d = MemoryConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--engines", type=Path, nargs="+", help="engine folders")
-    which.add_argument("--build", action="store_true", help="build (or reuse) the engines of --methods in --work")
-    p.add_argument("--work", type=Path, help="with --build: where the model and engines are kept")
-    p.add_argument("--size", choices=list(SIZES), default=d.size)
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    p.add_argument("--image", type=Path, default=IMAGE)
-    p.add_argument("--prompt", default=PROMPT)
-    p.add_argument("--new-tokens", type=int, default=d.new_tokens)
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--out", type=Path, default=d.out, help="JSON; the plot goes next to it")
+    p = engine_parser(__doc__, d.size, d.new_tokens, d.threads, d.out)
     args = p.parse_args(argv)
-    if args.build and args.work is None:
-        p.error("--build needs --work")
+    check_engine_args(p, args)
     args.warmup = 0  # a warm-up question would not raise the peak, only the run time
     return args
 

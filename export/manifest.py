@@ -25,9 +25,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def tool_versions() -> dict[str, str]:
+def tool_versions(names: tuple[str, ...] = TOOLS) -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for name in TOOLS:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
