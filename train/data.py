@@ -80,6 +80,8 @@ class Batch:
     cls_targets: torch.Tensor  # [B, CLS_TARGETS] multi-label 0/1
     patch_colour: torch.Tensor  # [B, P] 0 = background
     patch_kind: torch.Tensor  # [B, P]
+    answer_at: torch.Tensor  # [B, Q] position in `after` whose next token starts answer q; -1 = none
+    look_at: torch.Tensor  # [B, Q, P] the patches answer q is read from (Question.about)
 
 
 def cls_targets(scene: Scene) -> np.ndarray:
@@ -117,6 +119,14 @@ def make_batch(scenes: list[Scene], questions: list[list[Question]], prompter: P
         kinds.append(kind)
         seqs.append(prompter.conversation(asked))
     width = max(len(tokens) for tokens, _ in seqs)
+    turns = max(len(asked) for asked in questions)
+    answer_at = np.full((len(seqs), turns), -1)
+    look_at = np.zeros((len(seqs), turns, len(colours[0])), bool)
+    for row, ((_, target), asked) in enumerate(zip(seqs, questions)):
+        starts = [p for p in range(len(target)) if target[p] != IGNORE and (p == 0 or target[p - 1] == IGNORE)]
+        answer_at[row, : len(starts)] = starts
+        for q, question in enumerate(asked):
+            look_at[row, q] = np.isin(colours[row], [1 + list(COLOURS).index(c) for c in question.about])
     after = np.full((len(seqs), width), prompter.pad_id)
     targets = np.full((len(seqs), width), IGNORE)
     mask = np.zeros((len(seqs), width), np.int64)
@@ -128,6 +138,7 @@ def make_batch(scenes: list[Scene], questions: list[list[Question]], prompter: P
         after=torch.from_numpy(after), mask=torch.from_numpy(mask), targets=torch.from_numpy(targets),
         cls_targets=torch.from_numpy(np.stack([cls_targets(s) for s in scenes])),
         patch_colour=torch.from_numpy(np.stack(colours)), patch_kind=torch.from_numpy(np.stack(kinds)),
+        answer_at=torch.from_numpy(answer_at), look_at=torch.from_numpy(look_at),
     )
 
 

@@ -12,7 +12,7 @@ from sparsezip_deploy.scenes.questions import heldout
 from sparsezip_deploy.train.data import IGNORE, Prompter
 from sparsezip_deploy.train.train import TRAINING_INFO, TrainConfig, feature_layer_states, main, train
 
-SMOKE = TrainConfig(steps=2, batch=2, warmup=1, sparse_steps=1, eval_every=1, eval_per_type=1,
+SMOKE = TrainConfig(vision_steps=1, steps=2, batch=2, norm_batches=1, look_layer=0, warmup=1, sparse_steps=1, eval_every=1, eval_per_type=1,
                     heldout_per_type=1, vision_hidden=32, vision_heads=2, vision_layers=2, vision_mlp=64,
                     llm_hidden=32, llm_heads=2, llm_kv_heads=1, llm_layers=1, llm_mlp=64)
 
@@ -36,7 +36,11 @@ def test_two_steps_write_a_loadable_reproducible_model(tmp_path):
 
 
 def test_cli_defaults_come_from_the_config(tmp_path, capsys):
-    options = [f"--{name.replace('_', '-')}={value}" for name, value in vars(SMOKE).items()]
+    def option(name: str, value) -> str:
+        flag = name.replace("_", "-")
+        return (f"--{flag}" if value else f"--no-{flag}") if isinstance(value, bool) else f"--{flag}={value}"
+
+    options = [option(name, value) for name, value in vars(SMOKE).items()]
     assert main(["--out", str(tmp_path / "m"), *options]) == 0
     assert "held-out accuracy" in capsys.readouterr().out
 
