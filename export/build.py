@@ -2,7 +2,8 @@
 
 Stages: load the model, export vision.onnx (CLIP up to l* + compression +
 projector) and llm.onnx (decoder with KV cache), check each against PyTorch,
-write the embedding table, tokenizer and manifest.json.
+optionally quantise them and calibrate the dynamic-K budget (calib/), write the
+embedding table, tokenizer and manifest.json.
 Everything is written into a temporary sibling folder that is renamed into
 place at the end, so an interrupted build never leaves a folder that looks
 complete.
@@ -19,6 +20,9 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
+
+from sparsezip_deploy.calib.errors import CalibError
 from sparsezip_deploy.export.errors import ExportError
 from sparsezip_deploy.export.manifest import FORMAT_VERSION, artifact_entries, tool_versions, write_manifest
 from sparsezip_deploy.sparsezip.config import CONFIGS, MethodConfig, config_to_dict
@@ -51,6 +55,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="replace an existing engine folder")
     p.add_argument("--llm-dtype", default="float32", choices=["float32", "float16"],
                    help="precision of llm.onnx and the embedding table")
+    calib = p.add_argument_group("quantisation and calibration (calib/)")
+    calib.add_argument("--vision-int8", choices=["cpu", "tensorrt"], default=None,
+                       help="int8 encoder linear layers: 'cpu' ONNX Runtime dynamic int8, 'tensorrt' "
+                            "ModelOpt symmetric Q/DQ; the selection path stays float")
+    calib.add_argument("--llm-quant", choices=["none", "int4", "int8"], default="none",
+                       help="weight-only MatMulNBits quantisation of llm.onnx")
+    calib.add_argument("--target-mean-k", type=float, default=None,
+                       help="fit the dynamic-K offset so the calibration images keep this many dominant "
+                            "patches on average (sparsezip; turns --dynamic-k on)")
+    calib.add_argument("--calib-images", type=Path, default=None,
+                       help="folder of calibration images (default: generated scenes)")
+    calib.add_argument("--calib-count", type=int, default=32, help="calibration images to use")
     group = p.add_argument_group(
         "method options", "each applies to the methods that have it; unset options take the method's default")
     for name, f in _method_fields().items():
@@ -69,7 +85,21 @@ def method_config(args: argparse.Namespace) -> MethodConfig:
     foreign = sorted(set(given) - own)
     if foreign:
         raise ExportError(f"method {args.method} has no option(s) {', '.join(_option(n) for n in foreign)}")
-    return cls(**given)
+    if args.target_mean_k is not None:
+        if "dynamic_k" not in own:
+            raise ExportError(f"--target-mean-k needs a method with a dynamic K (sparsezip), not {args.method}")
+        if given.get("dynamic_k") is False:
+            raise ExportError("--target-mean-k calibrates the dynamic K: drop --no-dynamic-k")
+        given["dynamic_k"] = True
+    config = cls(**given)
+    if args.target_mean_k is not None and not config.k_min <= args.target_mean_k <= config.k_max:
+        raise ExportError(f"--target-mean-k {args.target_mean_k:g} is outside [--k-min, --k-max] = "
+                          f"[{config.k_min}, {config.k_max}]")
+    return config
+
+
+def _calibrating(args: argparse.Namespace) -> bool:
+    return args.vision_int8 is not None or args.target_mean_k is not None
 
 
 class Progress:
@@ -83,7 +113,12 @@ class Progress:
 
 def build(args: argparse.Namespace) -> Path:
     config = method_config(args)
-    progress = Progress(7)
+    if args.calib_count < 1:
+        raise ExportError(f"--calib-count must be >= 1, got {args.calib_count}")
+    if args.calib_images is not None and not _calibrating(args):
+        raise ExportError("--calib-images is used by --vision-int8 and --target-mean-k; neither was given")
+    optional = (args.vision_int8 is not None) + (args.target_mean_k is not None) + (args.llm_quant != "none")
+    progress = Progress(7 + optional + _calibrating(args))
     progress(f"loading model {args.model}")
     from sparsezip_deploy.export.llm import DecoderGraph
     from sparsezip_deploy.export.models import load_model
@@ -101,7 +136,7 @@ def build(args: argparse.Namespace) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        manifest = _build_into(tmp, loaded, graph, decoder, progress)
+        manifest = _build_into(tmp, loaded, graph, decoder, progress, args)
         progress(f"moving into place: {out}")
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide the engine from other users
         if out.exists():
@@ -115,7 +150,7 @@ def build(args: argparse.Namespace) -> Path:
     return out
 
 
-def _build_into(folder: Path, loaded, graph, decoder, progress: Progress) -> dict:
+def _build_into(folder: Path, loaded, graph, decoder, progress: Progress, args: argparse.Namespace) -> dict:
     from sparsezip_deploy.export.llm import check_llm, export_llm, save_embeddings
     from sparsezip_deploy.export.prompt import prompt_formats
     from sparsezip_deploy.export.vision import check_vision, export_vision
@@ -125,20 +160,37 @@ def _build_into(folder: Path, loaded, graph, decoder, progress: Progress) -> dic
     progress("checking vision.onnx against PyTorch (ONNX Runtime CPU)")
     for line in check_vision(graph, folder / "vision.onnx"):
         print(f"      {line}")
+    save_embeddings(loaded.model, folder / "embed_tokens.npy", decoder.dtype_name)
+    calibration = _calibrate_vision(folder, loaded, graph, progress, args) if _calibrating(args) else {}
     progress(f"exporting llm.onnx ({decoder.num_layers} layers, {decoder.dtype_name}, KV cache)")
     llm_io, external = export_llm(decoder, folder / "llm.onnx")
     progress("checking llm.onnx against PyTorch (prefill and decode)")
     for line in check_llm(decoder, folder / "llm.onnx"):
         print(f"      {line}")
-    progress("writing embeddings, tokenizer and manifest.json")
-    save_embeddings(loaded.model, folder / "embed_tokens.npy", decoder.dtype_name)
+    llm_precision = decoder.dtype_name
+    if args.llm_quant != "none":
+        from sparsezip_deploy.calib.llm_quant import quantize_llm
+        progress(f"quantising llm.onnx weights to {args.llm_quant} (MatMulNBits)")
+        record = quantize_llm(folder / "llm.onnx", folder / "llm.onnx", int(args.llm_quant[3:]),
+                              embeddings=np.load(folder / "embed_tokens.npy"))
+        external = "llm.onnx.data" in record.pop("files")
+        if not external:  # int4 weights of a model that needed external data in float may not
+            (folder / "llm.onnx.data").unlink(missing_ok=True)
+        print(f"      {record['nodes_quantised']} MatMuls, logits cosine vs float "
+              f"min {record['fidelity']['logits_cosine_min']:.4f}")
+        calibration["llm_quant"] = record
+        llm_precision = record["precision"]
+    progress("writing tokenizer and manifest.json")
+    method = graph.method
+    if "dynamic_k" in calibration:
+        method = dataclasses.replace(method, k_offset=calibration["dynamic_k"]["k_offset"])
     loaded.tokenizer.save(str(folder / "tokenizer.json"))
     token = loaded.tokenizer.id_to_token
     vc = loaded.model.config.vision_config
     manifest = {
         "format_version": FORMAT_VERSION,
         "source": loaded.source,
-        "method": config_to_dict(graph.method),
+        "method": config_to_dict(method),
         "image": dataclasses.asdict(loaded.image),
         "vision": {
             "image_size": vc.image_size,
@@ -174,7 +226,9 @@ def _build_into(folder: Path, loaded, graph, decoder, progress: Progress) -> dic
         "chat_template": loaded.chat_template,
         "graphs": {"vision": {"file": "vision.onnx", **vision_io.to_dict()},
                    "llm": {"file": "llm.onnx", **llm_io.to_dict()}},
-        "precision": {"vision": "float32", "llm": decoder.dtype_name, "embed_tokens": decoder.dtype_name},
+        "precision": {"vision": calibration.get("vision_int8", {}).get("precision", "float32"),
+                      "llm": llm_precision, "embed_tokens": decoder.dtype_name},
+        "calibration": calibration,
         "tools": tool_versions(),
     }
     files = ["vision.onnx", "llm.onnx", "embed_tokens.npy", "tokenizer.json"]
@@ -183,6 +237,45 @@ def _build_into(folder: Path, loaded, graph, decoder, progress: Progress) -> dic
     manifest["artifacts"] = artifact_entries(folder, files)
     write_manifest(folder, manifest)
     return manifest
+
+
+def _calibrate_vision(folder: Path, loaded, graph, progress: Progress, args: argparse.Namespace) -> dict:
+    """int8 encoder, then the dynamic-K fit on the graph that ships (quantisation moves var(s))."""
+    from tokenizers import Tokenizer
+
+    from sparsezip_deploy.calib.budget import calibrate_budget
+    from sparsezip_deploy.calib.reader import (VisionCalibrationReader, calibration_images, folder_digest,
+                                               prompt_text)
+    from sparsezip_deploy.calib.vision_int8 import quantize_vision
+    from sparsezip_deploy.runtime.preprocess import ImageConfig
+
+    source = folder_digest(args.calib_images, args.calib_count)
+    progress(f"loading {args.calib_count} calibration images ({args.calib_images or 'generated scenes'})")
+    images = calibration_images(args.calib_images, args.calib_count)
+    image_config = ImageConfig.from_dict(dataclasses.asdict(loaded.image))
+    # A text-aware graph is calibrated with one fixed, object-neutral prompt.
+    text = prompt_text(Tokenizer.from_str(loaded.tokenizer.to_str()), np.load(folder / "embed_tokens.npy")) \
+        if graph.text_aware else None
+    calibration = {}
+    if args.vision_int8 is not None:
+        progress(f"quantising vision.onnx to int8 for {args.vision_int8}")
+        record = quantize_vision(folder / "vision.onnx", folder / "vision.onnx", args.vision_int8, images,
+                                 image_config, source, text=text)
+        fid = record["fidelity"]
+        print(f"      {record['quantized_linears']} linear layers int8; kept-index Jaccard mean "
+              f"{fid['kept_jaccard_mean']:.3f}, token cosine min {fid['token_cosine_min']:.5f}")
+        calibration["vision_int8"] = record
+    if args.target_mean_k is not None:
+        progress(f"fitting the dynamic-K offset for a mean K of {args.target_mean_k:g}")
+        reader = VisionCalibrationReader(images, image_config, text)
+        record = calibrate_budget(folder / "vision.onnx", reader.feeds(), args.target_mean_k,
+                                  graph.method.contextual)
+        record["calibration"] = {"images": len(images), "source": source,
+                                 "prompt": "fixed (calib.reader.CALIBRATION_PROMPT)" if text else "none"}
+        print(f"      k_offset {record['k_offset']}: mean K {record['achieved_mean_k']} "
+              f"(std {record['k_std']}, range {record['k_range']})")
+        calibration["dynamic_k"] = record
+    return calibration
 
 
 def _quiet_exporter() -> None:
@@ -197,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_exporter()
     try:
         build(args)
-    except ExportError as e:
+    except (ExportError, CalibError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

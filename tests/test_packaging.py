@@ -14,5 +14,5 @@ def test_wheel_installs_only_the_namespace(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
     assert tops == {"sparsezip_deploy"}
-    for package in ("sparsezip", "export", "runtime", "runtime/backends"):
+    for package in ("sparsezip", "export", "runtime", "runtime/backends", "calib"):
         assert f"sparsezip_deploy/{package}/__init__.py" in names
