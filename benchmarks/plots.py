@@ -1,6 +1,6 @@
-"""PNG plots of the latency and memory reports (matplotlib, no display needed).
+"""PNG plots of the latency, memory and quantisation reports (matplotlib, no display needed).
 
-Each function takes a report as latency.py / memory.py store it in their JSON
+Each function takes a report as latency.py / memory.py / quant.py store it in their JSON
 and a path stem, writes `<stem>-<plot>.png` and returns the paths.
 """
 from __future__ import annotations
@@ -111,6 +111,29 @@ def memory_bars(report: dict[str, dict], path: Path) -> Path:
     ax.set_title("Peak memory per engine")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, ax, path)
+
+
+def quant_bars(report: dict[str, dict], reference: str, path: Path) -> Path:
+    """Per engine: decode tok/s, prefill ms, weights and peak RSS, each bar labelled against `reference`."""
+    names = list(report)
+    ref_rss = report[reference]["peak_rss_bytes"]["median"]
+    panels = (("decode tokens/s", lambda r: (r["decode_tokens_per_s"] or {}).get("median", 0.0),
+               lambda r: f"{r['decode_speedup'] or float('nan'):.2f}x"),
+              ("prefill ms", lambda r: r["prefill_ms"]["median"], lambda r: f"{r['prefill_speedup']:.2f}x faster"),
+              ("weights MiB", lambda r: r["weights_bytes"] / MIB, lambda r: f"{r['weights_ratio']:.2f} of ref"),
+              ("peak RSS MiB", lambda r: r["peak_rss_bytes"]["median"] / MIB,
+               lambda r: f"{r['peak_rss_bytes']['median'] / ref_rss:.2f} of ref"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 + 1.1 * len(names) * len(panels), 4.5))
+    for ax, (title, value, label) in zip(axes, panels):
+        values = [value(r) for r in report.values()]
+        ax.bar(names, values, color=[COLOURS["ideal"] if n == reference else COLOURS["vision"] for n in names])
+        for i, r in enumerate(report.values()):
+            ax.annotate(f"{values[i]:.4g}\n{label(r)}", (i, values[i]), ha="center", va="bottom", fontsize=8)
+        ax.set_ylim(0, max(values) * 1.25)
+        ax.set_title(title)
+        plt.setp(ax.get_xticklabels(), rotation=25, ha="right")
+    fig.suptitle(f"quantised engines against {reference} (medians)")
+    return _save(fig, None, path)
 
 
 def _save(fig, bar_axis, path: Path) -> Path:

@@ -65,3 +65,25 @@ def test_vision_overhead(tmp_path):
     out = tmp_path / "vision_overhead.json"
     run("vision_overhead.py", "--tiny", "--reps", "1", "--warmup", "0", "--out", str(out))
     assert "compression_share_of_vision" in json.loads(out.read_text())["derived"]["sparsezip-64"]
+
+
+def test_quant_compares_quantised_engines_with_float(latency, tmp_path):
+    """One variant, int8 vision + int4 LLM: both quantisers and every fidelity figure, one build (~10 s)."""
+    work, _ = latency
+    out = tmp_path / "quant.json"
+    run("quant.py", "--build", "--work", str(work), "--size", "tiny", "--methods", "sparsezip-64-text",
+        "--variants", "int8-int4", "--reps", "1", "--warmup", "0", "--new-tokens", "3", "--prompts", "2",
+        "--fidelity-tokens", "3", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["reference"] == "fp32" and set(report["variants"]) == {"fp32", "int8-int4"}
+    for row in report["variants"].values():
+        for key in ("vision_ms", "prefill_ms", "peak_rss_bytes"):
+            assert row[key]["n"] == 1 and row[key]["median"] > 0, key
+        fidelity = row["fidelity"]
+        assert 0 <= fidelity["forced_top1_agreement"] <= 1 and 0 < fidelity["positions"] <= 2 * 3
+        assert 0 <= fidelity["kept_jaccard"]["min"] <= 1 and fidelity["visual_cosine"]["min"] <= 1 + 1e-9
+    quantised = report["variants"]["int8-int4"]
+    assert (quantised["precision"]["vision"], quantised["precision"]["llm"]) == ("int8", "int4")
+    assert quantised["weights_bytes"] < report["variants"]["fp32"]["weights_bytes"]
+    assert report["variants"]["fp32"]["fidelity"]["greedy_exact_match"]["mean"] == 1.0
+    assert out.with_suffix(".png").stat().st_size > 0
