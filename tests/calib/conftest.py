@@ -36,7 +36,7 @@ def int8_engine(fp32: Path, out: Path, target: str, images) -> Path:
     record = quantize_vision(out / "vision.onnx", out / "vision.onnx", target, images,
                              ImageConfig.from_dict(manifest["image"]), folder_digest(None, len(images)))
     manifest["precision"]["vision"] = record["precision"]
-    manifest.setdefault("quantization", {})["vision"] = record
+    manifest["calibration"] = {"vision_int8": record}
     manifest["artifacts"] = artifact_entries(out, list(manifest["artifacts"]))
     write_manifest(out, manifest)
     return out

@@ -58,7 +58,7 @@ def held_out_feeds(engine_dir, shapes_png):
 
 
 def test_cpu_recipe_quantises_the_encoder_linears_only(engine_fp32, engine_int8_cpu):
-    record = manifest(engine_int8_cpu)["quantization"]["vision"]
+    record = manifest(engine_int8_cpu)["calibration"]["vision_int8"]
     assert manifest(engine_int8_cpu)["precision"]["vision"] == "int8"
     assert record["target"] == "cpu" and record["recipe"].startswith("ort-dynamic")
     assert record["calibration"] == {"images": CALIB_COUNT, "source": f"generated-scenes:seed=0,count={CALIB_COUNT}",
@@ -77,7 +77,7 @@ def test_cpu_recipe_quantises_the_encoder_linears_only(engine_fp32, engine_int8_
 @pytest.mark.parametrize("engine_name", ["engine_int8_cpu", "engine_int8_trt"])
 def test_held_out_selection_and_tokens_within_the_floors(request, engine_name, engine_fp32, shapes_png):
     engine = request.getfixturevalue(engine_name)
-    floors = FLOORS[manifest(engine)["quantization"]["vision"]["target"]]
+    floors = FLOORS[manifest(engine)["calibration"]["vision_int8"]["target"]]
     ref = ort.InferenceSession(str(engine_fp32 / "vision.onnx"), providers=["CPUExecutionProvider"])
     got = ort.InferenceSession(str(engine / "vision.onnx"), providers=["CPUExecutionProvider"])
     figures = [compare_outputs(ref.run(None, f), got.run(None, f)) for f in held_out_feeds(engine_fp32, shapes_png)]
@@ -86,7 +86,7 @@ def test_held_out_selection_and_tokens_within_the_floors(request, engine_name, e
 
 
 def test_tensorrt_recipe_is_symmetric_int8_qdq(engine_int8_trt):
-    record = manifest(engine_int8_trt)["quantization"]["vision"]
+    record = manifest(engine_int8_trt)["calibration"]["vision_int8"]
     assert record["recipe"].startswith("modelopt") and record["calibration"]["method"] == "max"
     model = onnx.load(str(engine_int8_trt / "vision.onnx"))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
