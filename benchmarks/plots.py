@@ -114,16 +114,17 @@ def memory_bars(report: dict[str, dict], path: Path) -> Path:
 
 
 def quant_bars(report: dict[str, dict], reference: str, path: Path) -> Path:
-    """Per engine: decode tok/s, prefill ms, weights and peak RSS, each bar labelled against `reference`."""
+    """Per engine: vision ms, prefill ms, decode tok/s, weights and peak RSS, labelled against `reference`."""
     names = list(report)
     ref_rss = report[reference]["peak_rss_bytes"]["median"]
-    panels = (("decode tokens/s", lambda r: (r["decode_tokens_per_s"] or {}).get("median", 0.0),
+    panels = (("vision ms", lambda r: r["vision_ms"]["median"], lambda r: f"{r['vision_speedup']:.2f}x faster"),
+              ("decode tokens/s", lambda r: (r["decode_tokens_per_s"] or {}).get("median", 0.0),
                lambda r: f"{r['decode_speedup'] or float('nan'):.2f}x"),
               ("prefill ms", lambda r: r["prefill_ms"]["median"], lambda r: f"{r['prefill_speedup']:.2f}x faster"),
               ("weights MiB", lambda r: r["weights_bytes"] / MIB, lambda r: f"{r['weights_ratio']:.2f} of ref"),
               ("peak RSS MiB", lambda r: r["peak_rss_bytes"]["median"] / MIB,
                lambda r: f"{r['peak_rss_bytes']['median'] / ref_rss:.2f} of ref"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3 + 1.1 * len(names) * len(panels), 4.5))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2 + 0.7 * len(names) * len(panels), 4.5))
     for ax, (title, value, label) in zip(axes, panels):
         values = [value(r) for r in report.values()]
         ax.bar(names, values, color=[COLOURS["ideal"] if n == reference else COLOURS["vision"] for n in names])
