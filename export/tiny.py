@@ -41,6 +41,8 @@ class TinyConfig:
     llm_layers: int = 2
     llm_mlp: int = 128
     max_positions: int = 2048
+    rope_theta: float = 10000.0
+    llm_init_std: float = 0.02  # the LLM's initializer_range (Llama's default)
     # Random-init CLIP attention is close to uniform, so CLS-attention top-K would be
     # decided by float noise. Scaling q and k scales the attention logits by its square
     # and spreads the scores apart: index-equality tests become meaningful.
@@ -59,6 +61,8 @@ def tiny_llava_config(vocab_size: int, image_token_id: int, pad_token_id: int,
         num_hidden_layers=tiny.llm_layers, num_attention_heads=tiny.llm_heads,
         num_key_value_heads=tiny.llm_kv_heads, max_position_embeddings=tiny.max_positions,
         bos_token_id=1, eos_token_id=2, pad_token_id=pad_token_id, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": tiny.rope_theta},
+        initializer_range=tiny.llm_init_std,
     )
     num_patches = (tiny.image_size // tiny.patch_size) ** 2
     return LlavaConfig(

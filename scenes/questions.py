@@ -39,9 +39,6 @@ class Question:
     text: str
     answer: str
     small: bool
-    # Colours of the shapes the answer is read from (colours are unique within a scene):
-    # where a model should look. Empty when no shape is (an absent pair for `exists`).
-    about: tuple[str, ...] = ()
 
 
 def side(shape: Shape, image_size: int) -> str | None:
@@ -60,13 +57,12 @@ def candidates(scene: Scene, question_type: str, rng: np.random.Generator) -> li
     """Every question of one type the scene supports (a random subset for `exists`)."""
     shapes, small = scene.shapes, scene.small
     if question_type == "colour":
-        return [Question("colour", f"What colour is the {s.kind}?", s.colour, s.size == "small", (s.colour,))
+        return [Question("colour", f"What colour is the {s.kind}?", s.colour, s.size == "small")
                 for s in shapes if scene.count(s.kind) == 1]
     if question_type == "exists":
         present = {(s.colour, s.kind): s for s in shapes}
         shape = shapes[int(rng.integers(len(shapes)))]
-        yes = Question("exists", f"Is there a {shape.colour} {shape.kind}?", "Yes", shape.size == "small",
-                       (shape.colour,))
+        yes = Question("exists", f"Is there a {shape.colour} {shape.kind}?", "Yes", shape.size == "small")
         # The absent pair shares a word with a present shape (its colour or its kind),
         # so that "No" needs colour and kind bound together, not either one alone.
         absent = ([(shape.colour, k) for k in KINDS] + [(c, shape.kind) for c in COLOURS])
@@ -76,16 +72,14 @@ def candidates(scene: Scene, question_type: str, rng: np.random.Generator) -> li
         return [yes, no]
     if question_type == "count":
         return [Question("count", f"How many {k}s are there?", str(scene.count(k)),
-                         scene.count(k) > 0 and small.kind == k,
-                         tuple(s.colour for s in shapes if s.kind == k)) for k in KINDS]
+                         scene.count(k) > 0 and small.kind == k) for k in KINDS]
     if question_type == "position":
-        return [Question("position", f"Where is the {s.name}?", where, s.size == "small", (s.colour,))
+        return [Question("position", f"Where is the {s.name}?", where, s.size == "small")
                 for s in shapes if (where := side(s, scene.image_size)) is not None]
     if question_type == "small":
-        return [Question("small", "Which shape is small?", small.kind, True, (small.colour,))]
+        return [Question("small", "Which shape is small?", small.kind, True)]
     if question_type == "small_colour":
-        return [Question("small_colour", f"What colour is the small {small.kind}?", small.colour, True,
-                         (small.colour,))]
+        return [Question("small_colour", f"What colour is the small {small.kind}?", small.colour, True)]
     raise ValueError(f"unknown question type {question_type!r}; expected one of {TYPES}")
 
 

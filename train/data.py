@@ -17,14 +17,21 @@ from tokenizers import Tokenizer
 from sparsezip_deploy.export.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PIL_BICUBIC
 from sparsezip_deploy.export.tokenizer import BOS, EOS, IMAGE_TOKEN, PAD_TOKEN
 from sparsezip_deploy.runtime.preprocess import ImageConfig, preprocess
-from sparsezip_deploy.scenes.questions import TYPES, Question
-from sparsezip_deploy.scenes.scene import COLOURS, KINDS, Scene, render
+from sparsezip_deploy.scenes.questions import SIDES, TYPES, Question, side
+from sparsezip_deploy.scenes.scene import COLOURS, KINDS, SIZES, Scene, SceneConfig, render
+
+MAX_SHAPES = SceneConfig().max_large + 1
 
 IGNORE = -100
 # A patch is labelled with the shape covering most of it, if that shape covers at
 # least this fraction; a small shape (about 2 x 2 patches) still gets its patches.
 PATCH_COVER = 0.2
-PATCH_CLASSES = (1 + len(COLOURS), 1 + len(KINDS))  # (background + colours, background + kinds)
+# Per-patch targets, each a class with 0 = background: what a question can ask about the
+# shape under a patch (its colour, kind, size, side of the image, and how many shapes of
+# its kind the scene has). Dense labels make every answer linearly readable from the
+# patch it is about, so the LLM only has to learn where to look and how to read.
+PATCH_TARGETS = ("colour", "kind", "size", "side", "count")
+PATCH_CLASSES = (1 + len(COLOURS), 1 + len(KINDS), 1 + len(SIZES), 2 + len(SIDES), 1 + MAX_SHAPES)
 # CLS targets: which (colour, kind) pairs are present, then the small shape's kind and colour.
 CLS_TARGETS = len(COLOURS) * len(KINDS) + len(KINDS) + len(COLOURS)
 
@@ -46,6 +53,7 @@ class Prompter:
         ids = tokenizer.encode(first_turn.replace("{prompt}", "x"), add_special_tokens=True).ids
         assert ids[0] == tokenizer.token_to_id(BOS) and ids.count(self.image_id) == 1
         self.before = ids[: ids.index(self.image_id)]
+        self.words = Words(tokenizer)
 
     def answer_ids(self, answer: str) -> list[int]:
         return self.tokenizer.encode(answer, add_special_tokens=False).ids
@@ -78,10 +86,16 @@ class Batch:
     mask: torch.Tensor  # [B, T] 1 = real token
     targets: torch.Tensor  # [B, T] next-token target per position, IGNORE elsewhere
     cls_targets: torch.Tensor  # [B, CLS_TARGETS] multi-label 0/1
-    patch_colour: torch.Tensor  # [B, P] 0 = background
-    patch_kind: torch.Tensor  # [B, P]
-    answer_at: torch.Tensor  # [B, Q] position in `after` whose next token starts answer q; -1 = none
-    look_at: torch.Tensor  # [B, Q, P] the patches answer q is read from (Question.about)
+    patch_targets: torch.Tensor  # [B, P, len(PATCH_TARGETS)] classes, 0 = background
+    # Attention targets (training aids; see train.py's guide loss), positions in `after`:
+    ground_at: torch.Tensor  # [B, G] each word that names something (colour, kind, "small"); -1 = none
+    ground_to: torch.Tensor  # [B, G, 1 + P] what it names: BOS (column 0) when nothing is there, else its patches
+    answer_at: torch.Tensor  # [B, Q] position whose next token starts answer q; -1 = none
+    route_to: torch.Tensor  # [B, Q, T] the words of question q its answer is read through
+
+    @property
+    def patch_colour(self) -> torch.Tensor:
+        return self.patch_targets[..., PATCH_TARGETS.index("colour")]
 
 
 def cls_targets(scene: Scene) -> np.ndarray:
@@ -95,38 +109,76 @@ def cls_targets(scene: Scene) -> np.ndarray:
     return out
 
 
-def patch_labels(scene: Scene, owner: np.ndarray, patch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per patch (row-major, as CLIP orders them): colour and kind class of its main shape."""
+def patch_labels(scene: Scene, owner: np.ndarray, patch: int) -> np.ndarray:
+    """[P, len(PATCH_TARGETS)] classes of the shape covering each patch (row-major, as CLIP orders them)."""
     grid = owner.shape[0] // patch
     cells = owner.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
     counts = np.stack([(cells == i + 1).sum(1) for i in range(len(scene.shapes))], 1)  # [P, shapes]
     best = counts.argmax(1)
     covered = counts.max(1) >= PATCH_COVER * patch * patch
-    colour_of = np.array([1 + list(COLOURS).index(s.colour) for s in scene.shapes])
-    kind_of = np.array([1 + KINDS.index(s.kind) for s in scene.shapes])
-    return np.where(covered, colour_of[best], 0), np.where(covered, kind_of[best], 0)
+    per_shape = np.array([
+        (1 + list(COLOURS).index(s.colour), 1 + KINDS.index(s.kind), 1 + SIZES.index(s.size),
+         1 + (SIDES.index(where) + 1 if (where := side(s, scene.image_size)) else 0), scene.count(s.kind))
+        for s in scene.shapes])
+    return np.where(covered[:, None], per_shape[best], 0)
+
+
+# The word each question type's answer is read through: the shape it names (colours are
+# unique within a scene, kinds may repeat, "small" is unique).
+ROUTES = {"colour": ("kind",), "exists": ("colour", "kind"), "count": ("kind",), "position": ("colour",),
+          "small": ("small",), "small_colour": ("small",)}
+
+
+class Words:
+    """Token ids of the words that name shapes: what each names, as a patch test."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        def one(word: str) -> int:
+            ids = tokenizer.encode(word, add_special_tokens=False).ids
+            assert len(ids) == 1, f"{word!r} is not one token"
+            return ids[0]
+
+        column = {name: PATCH_TARGETS.index(name) for name in ("colour", "kind", "size")}
+        self.names: dict[int, tuple[str, int, int]] = {}  # id -> (role, column, class)
+        for i, colour in enumerate(COLOURS):
+            self.names[one(colour)] = ("colour", column["colour"], 1 + i)
+        for i, kind in enumerate(KINDS):
+            for word in (kind, kind + "s"):
+                self.names[one(word)] = ("kind", column["kind"], 1 + i)
+        self.names[one("small")] = ("small", column["size"], 1 + SIZES.index("small"))
 
 
 def make_batch(scenes: list[Scene], questions: list[list[Question]], prompter: Prompter,
                patch: int) -> Batch:
     config = image_config(scenes[0].image_size)
-    pixels, colours, kinds, seqs = [], [], [], []
+    pixels, labels, seqs = [], [], []
     for scene, asked in zip(scenes, questions):
         image, owner = render(scene)
         pixels.append(preprocess(image, config)[0])
-        colour, kind = patch_labels(scene, owner, patch)
-        colours.append(colour)
-        kinds.append(kind)
+        labels.append(patch_labels(scene, owner, patch))
         seqs.append(prompter.conversation(asked))
     width = max(len(tokens) for tokens, _ in seqs)
     turns = max(len(asked) for asked in questions)
+    patches = len(labels[0])
+    names = prompter.words.names
+    grounds = [[t for t, token in enumerate(tokens) if token in names] for tokens, _ in seqs]
+    ground_at = np.full((len(seqs), max(map(len, grounds))), -1)
+    ground_to = np.zeros((*ground_at.shape, 1 + patches), bool)
     answer_at = np.full((len(seqs), turns), -1)
-    look_at = np.zeros((len(seqs), turns, len(colours[0])), bool)
-    for row, ((_, target), asked) in enumerate(zip(seqs, questions)):
+    route_to = np.zeros((len(seqs), turns, width), bool)
+    for row, ((tokens, target), asked) in enumerate(zip(seqs, questions)):
+        for g, t in enumerate(grounds[row]):
+            _, column, value = names[tokens[t]]
+            ground_at[row, g] = t
+            ground_to[row, g, 1:] = labels[row][:, column] == value
+            ground_to[row, g, 0] = not ground_to[row, g, 1:].any()
         starts = [p for p in range(len(target)) if target[p] != IGNORE and (p == 0 or target[p - 1] == IGNORE)]
         answer_at[row, : len(starts)] = starts
-        for q, question in enumerate(asked):
-            look_at[row, q] = np.isin(colours[row], [1 + list(COLOURS).index(c) for c in question.about])
+        for q, (question, start) in enumerate(zip(asked, starts)):
+            turn = range(starts[q - 1] + 1 if q else 0, start + 1)
+            for t in turn:  # this turn's question words; the previous answer is not one of them
+                if tokens[t] in names and names[tokens[t]][0] in ROUTES[question.type] and target[t - 1] == IGNORE:
+                    route_to[row, q, t] = True
     after = np.full((len(seqs), width), prompter.pad_id)
     targets = np.full((len(seqs), width), IGNORE)
     mask = np.zeros((len(seqs), width), np.int64)
@@ -137,8 +189,9 @@ def make_batch(scenes: list[Scene], questions: list[list[Question]], prompter: P
         before=torch.tensor(prompter.before),
         after=torch.from_numpy(after), mask=torch.from_numpy(mask), targets=torch.from_numpy(targets),
         cls_targets=torch.from_numpy(np.stack([cls_targets(s) for s in scenes])),
-        patch_colour=torch.from_numpy(np.stack(colours)), patch_kind=torch.from_numpy(np.stack(kinds)),
-        answer_at=torch.from_numpy(answer_at), look_at=torch.from_numpy(look_at),
+        patch_targets=torch.from_numpy(np.stack(labels)),
+        ground_at=torch.from_numpy(ground_at), ground_to=torch.from_numpy(ground_to),
+        answer_at=torch.from_numpy(answer_at), route_to=torch.from_numpy(route_to),
     )
 
 

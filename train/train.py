@@ -2,20 +2,21 @@
 
 A LLaVA-1.5 with the real geometry (336 px, patch 14, 576 patches + CLS, features of
 layer -2, 2-layer GELU projector, Llama decoder) and small widths, trained from
-scratch on generated scenes, on a CPU, in minutes. Losses:
+scratch on generated scenes, on a CPU, in about half an hour. Two stages:
 
-- next-token cross-entropy on the answers (and the EOS after each) only;
-- CLS: multi-label scene attributes from the CLS token of the feature layer, the
-  image-level objective CLIP's contrastive pretraining gives a real tower, so that
-  CLS attention (what VisionZip and SparseZip rank patches by) points at objects;
-- patches: the colour and kind of the shape under each patch. Dense targets teach a
-  from-scratch ViT in hundreds of steps what the answer loss alone takes thousands for.
+1. The vision tower alone, on dense targets: for the CLS token of the feature layer,
+   multi-label scene attributes (the image-level objective CLIP's contrastive
+   pretraining gives a real tower, so that CLS attention, what VisionZip and SparseZip
+   rank patches by, points at objects); for each patch, the colour, kind, size, side and
+   kind count of the shape under it (PATCH_TARGETS in data.py).
+2. The tower frozen, the projector set to the patch probes (`probe_projector`), the LLM
+   trained on next-token cross-entropy over the answers (and the EOS after each), with
+   two attention guides (`guide_losses`): each word that names something looks at what
+   it names, and each answer looks at the word it is read through.
 
-Curriculum: for the first `sparse_steps` steps the LLM sees only the patches on shapes
-plus `sparse_background` random background patches (in spatial order, as a compressed
-engine feeds them). Among all 576 tokens a from-scratch LLM's attention is spread so
-thin that the answer loss barely says which tokens matter, and it settles on answer
-priors; with few distractors it learns to look, then the full 576 tokens follow.
+Curriculum: for the first `sparse_steps` steps of stage 2 the LLM sees what a compressed
+engine feeds it (CLS, the patches on shapes and a few others in spatial order, merged
+tokens); the rest of the steps see all 576 patches, as the `none` engine feeds them.
 
 The output folder is what export/tiny.py writes (llava-hf layout), with the trained
 weights and `training.json` (this run's config and held-out accuracy).
@@ -49,26 +50,29 @@ TRAINING_INFO = "training.json"
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    # 0.08 s per image on 2 idle cores (several times that on a busy machine):
-    # 1000 x 8 images is about 10 minutes.
-    vision_steps: int = 300  # stage 1: the vision tower and its heads
-    steps: int = 1000  # stage 2: projector + LLM on the answers
+    # On 2 idle cores (several times slower on a busy machine): a stage-1 step about
+    # 0.5 s, a stage-2 step 0.3 s compressed and 0.9 s over all 576 patches; ~20 minutes.
+    vision_steps: int = 700  # stage 1: the vision tower and its heads
+    steps: int = 1600  # stage 2: the LLM on the answers
     batch: int = 8  # images per step, each with one question of every type
-    lr: float = 1.5e-3
+    lr: float = 2e-3
     warmup: int = 50
-    sparse_steps: int = 350
-    sparse_background: int = 24
     weight_decay: float = 0.01
     clip: float = 1.0
-    norm_batches: int = 4  # batches the feature whitening is measured on
-    # Trained, the projector collapsed colour and kind into one shared direction (cosine
-    # 0.98 between shapes of different colours at the LLM's input); frozen at its random
-    # init over whitened features it keeps them apart (0.0-0.3; same colour 0.7-0.8).
-    train_projector: bool = False
-    look_layer: int = 1  # the LLM layer whose attention the look loss supervises
-    look_weight: float = 0.5
+    # Curriculum: for the first `sparse_steps` steps the LLM sees what a compressed engine
+    # feeds it (`compressed_view`: CLS, the patches on shapes plus `sparse_background`
+    # random others, `sparse_contextual` merged tokens): a sequence a fifth as long, steps
+    # several times faster, and a model that answers from compressed engines too. Trained
+    # on all 576 patches only, it answered at chance from sparsezip-64 (32% vs 53%).
+    sparse_steps: int = 1200
+    sparse_background: int = 24
+    sparse_contextual: int = 10
+    ground_layer: int = 0  # guide_losses: the LLM layers whose attention is guided
+    route_layer: int = 1
+    guide_heads: int = 2
+    guide_weight: float = 1.0
     threads: int = 2
-    eval_every: int = 250
+    eval_every: int = 400
     eval_per_type: int = 10  # a quick look during training
     heldout_per_type: int = HELDOUT_PER_TYPE  # the score written into training.json
     vision_hidden: int = 128
@@ -82,6 +86,14 @@ class TrainConfig:
     llm_kv_heads: int = 2
     llm_layers: int = 3
     llm_mlp: int = 384
+    # Llama's 10000 turns all but a few dims of a 32-wide head by over a radian across
+    # the 600 tokens between a question word and the patches it looks at; at 1e6 most
+    # dims can match content regardless of distance (Llama 3 uses 5e5).
+    rope_theta: float = 1e6
+    # Llama's 0.02 is a unit-gain init at width 4096 (1.3 / sqrt(4096)); at width 128 it
+    # is a gain of 0.23 per matrix, and an answer read through two attention hops (four
+    # such matrices) starts about a thousand times too weak to learn from. 1 / sqrt(128).
+    llm_init_std: float = 0.088
 
 
 def model_shape(config: TrainConfig) -> TinyConfig:
@@ -91,7 +103,8 @@ def model_shape(config: TrainConfig) -> TinyConfig:
                       vision_layers=config.vision_layers, vision_mlp=config.vision_mlp,
                       llm_hidden=config.llm_hidden, llm_heads=config.llm_heads,
                       llm_kv_heads=config.llm_kv_heads, llm_layers=config.llm_layers,
-                      llm_mlp=config.llm_mlp, qk_scale=1.0)
+                      llm_mlp=config.llm_mlp, qk_scale=1.0, rope_theta=config.rope_theta,
+                      llm_init_std=config.llm_init_std)
 
 
 def feature_layer_states(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -123,84 +136,104 @@ def sparse_patches(batch: Batch, background: int, generator: torch.Generator) ->
     return key.topk(keep, dim=1).indices.sort(dim=1).values
 
 
-class Whitened(torch.nn.Module):
-    """(x - mean) @ whiten, in front of the projector during stage 2 only."""
+def compressed_view(hidden: torch.Tensor, batch: Batch, background: int, contextual: int,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The feature-layer states [B, 1 + P, C] laid out as a compressed engine feeds them:
+    CLS, the kept patches in spatial order (`sparse_patches`), then `contextual` merged
+    tokens (means of random groups of the dropped patches, where the engines merge by
+    key similarity). Returns the tokens [B, N, C] and each one's patch index, -1 for CLS
+    and merged tokens."""
+    patches = sparse_patches(batch, background, generator)
+    rows, width = hidden.shape[0], hidden.shape[-1]
+    kept = hidden[:, 1:].gather(1, patches[..., None].expand(-1, -1, width))
+    dropped = torch.ones(rows, hidden.shape[1] - 1).scatter(1, patches, 0.0)
+    group = torch.randint(contextual, dropped.shape, generator=generator)
+    weights = F.one_hot(group, contextual).float() * dropped[..., None]  # [B, P, m]
+    merged = weights.transpose(1, 2) @ hidden[:, 1:] / weights.sum(1)[..., None].clamp_min(1)
+    index = torch.cat([torch.full((rows, 1), -1), patches, torch.full((rows, contextual), -1)], 1)
+    return torch.cat([hidden[:, :1], kept, merged], 1), index
 
-    def __init__(self, mean: torch.Tensor, whiten: torch.Tensor):
-        super().__init__()
-        self.register_buffer("mean", mean)
-        self.register_buffer("whiten", whiten)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) @ self.whiten
+def answer_logits(model: LlavaForConditionalGeneration, batch: Batch, view=None, attention: bool = False
+                  ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, torch.Tensor | None]:
+    """Run the whole model on [before | visual | after]: logits [B, T, V] over the `after`
+    part, with `attention` every LLM layer's attention probabilities [B, H, S, S], and the
+    patch index of each visual token (None: all P patches in order).
 
-
-def answer_logits(model: LlavaForConditionalGeneration, batch: Batch, patches: torch.Tensor | None = None,
-                  whitened: Whitened | None = None, look_layer: int | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Run the whole model on [before | visual | after]; logits [B, T, V] over the `after`
-    part, the feature layer's hidden states [B, 1 + P, C], and with `look_layer` that LLM
-    layer's attention from each answer position to the visual tokens [B, Q, H, K].
-
-    `patches` [B, K]: feed the LLM only these visual tokens (all P when None).
-    """
+    `view(hidden)` -> (tokens, index): what the LLM sees of the feature layer, e.g.
+    `compressed_view`; the P patch tokens when None, as LLaVA (and the `none` engine) feed them."""
     hidden = feature_layer_states(model, batch.pixel_values)
-    features = hidden[:, 1:] if whitened is None else whitened(hidden[:, 1:])
-    visual = model.model.multi_modal_projector(features)  # [B, P, D]
-    if patches is not None:
-        visual = visual.gather(1, patches[..., None].expand(-1, -1, visual.shape[-1]))
+    tokens, index = view(hidden) if view is not None else (hidden[:, 1:], None)
+    visual = model.model.multi_modal_projector(tokens)  # [B, N, D]
     embed = model.model.language_model.embed_tokens
     rows = len(batch.after)
     before = embed(batch.before)[None].expand(rows, -1, -1)
     embeds = torch.cat([before, visual, embed(batch.after)], 1)
     prefix = before.shape[1] + visual.shape[1]
     mask = torch.cat([torch.ones(rows, prefix, dtype=batch.mask.dtype), batch.mask], 1)
-    out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
-                                     output_attentions=look_layer is not None)
-    logits = model.lm_head(out.last_hidden_state[:, prefix:])
-    if look_layer is None:
-        return logits, hidden, None
-    attn = out.attentions[look_layer]  # [B, H, S, S]
-    rows = torch.arange(rows)[:, None]
-    at = prefix + batch.answer_at.clamp_min(0)  # [B, Q]
-    looks = attn[rows, :, at][..., before.shape[1]:prefix]  # [B, Q, H, K]
-    return logits, hidden, looks
+    out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, output_attentions=attention)
+    return model.lm_head(out.last_hidden_state[:, prefix:]), out.attentions if attention else None, index
 
 
 def answer_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
 
 
-def look_loss(looks: torch.Tensor, batch: Batch, patches: torch.Tensor | None) -> torch.Tensor:
-    """-log of the attention mass (mean over heads) each answer position puts on the patches
-    its answer is read from. A training aid only: it teaches the LLM's attention where to
-    look, which the answer loss alone takes thousands of steps to find."""
-    look_at = batch.look_at
-    if patches is not None:
-        look_at = look_at.gather(2, patches[:, None].expand(-1, look_at.shape[1], -1))
-    mass = (looks.mean(2) * look_at).sum(-1)  # [B, Q]
-    used = (batch.answer_at >= 0) & look_at.any(-1)
+def attention_mass(attn: torch.Tensor, heads: int, at: torch.Tensor, to: torch.Tensor) -> torch.Tensor:
+    """-log of the attention mass (mean over the first `heads` heads) query positions `at`
+    [B, N] put on keys `to` [B, N, S], averaged over the queries that exist (at >= 0) and
+    have a target."""
+    rows = torch.arange(len(at))[:, None]
+    probs = attn[:, :heads].mean(1)[rows, at.clamp_min(0)]  # [B, N, S]
+    mass = (probs * to).sum(-1)
+    used = (at >= 0) & to.any(-1)
     return -(mass[used] + 1e-6).log().mean()
+
+
+def guide_losses(attentions: tuple[torch.Tensor, ...], batch: Batch, index: torch.Tensor | None,
+                 config: "TrainConfig") -> dict[str, torch.Tensor]:
+    """Training aids that lay out the circuit an answer takes, in two attention hops:
+
+    - ground (layer `ground_layer`): each word that names something (a colour, a kind,
+      "small") looks at the patches it names, or at BOS when the scene has none;
+    - route (layer `route_layer`): the position that predicts an answer looks at the
+      word of its question the answer is read through (ROUTES in data.py).
+
+    Only the first `guide_heads` heads are guided; the others are free. The answer loss
+    alone takes thousands of steps to find where to look among 576 visual tokens."""
+    sequence = attentions[0].shape[-1]
+    before, prefix = len(batch.before), sequence - batch.after.shape[1]
+    named = batch.ground_to[..., 1:]
+    if index is not None:  # a compressed view: only its patch tokens name anything
+        named = named.gather(2, index.clamp_min(0)[:, None].expand(-1, named.shape[1], -1)) & (index >= 0)[:, None]
+    ground_to = torch.zeros(*batch.ground_at.shape, sequence, dtype=torch.bool)
+    ground_to[..., 0] = ~named.any(-1)  # nothing it names is in view: BOS
+    ground_to[..., before:prefix] = named
+    route_to = F.pad(batch.route_to, (prefix, 0))
+    ground_at = torch.where(batch.ground_at >= 0, prefix + batch.ground_at, -1)
+    answer_at = torch.where(batch.answer_at >= 0, prefix + batch.answer_at, -1)
+    return {"ground": attention_mass(attentions[config.ground_layer], config.guide_heads, ground_at, ground_to),
+            "route": attention_mass(attentions[config.route_layer], config.guide_heads, answer_at, route_to)}
 
 
 def vision_losses(heads: Heads, batch: Batch, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
     cls = F.binary_cross_entropy_with_logits(heads.cls(hidden[:, 0]), batch.cls_targets)
     patch_logits = heads.patch(hidden[:, 1:]).split(PATCH_CLASSES, -1)
-    patch = sum(F.cross_entropy(lg.flatten(0, 1), target.flatten())
-                for lg, target in zip(patch_logits, (batch.patch_colour, batch.patch_kind)))
+    patch = sum(F.cross_entropy(lg.flatten(0, 1), batch.patch_targets[..., i].flatten())
+                for i, lg in enumerate(patch_logits))
     return {"cls": cls, "patch": patch}
 
 
 @torch.no_grad()
 def evaluate(model: LlavaForConditionalGeneration, prompter: Prompter, examples: list[Example],
-             patch: int, whitened: Whitened | None = None, batch: int = 16) -> dict[str, float]:
+             patch: int, batch: int = 16) -> dict[str, float]:
     """Accuracy per question type: the first-turn answer token, argmax (= greedy's first step)."""
     model.eval()
     right = {t: [] for t in TYPES}
     for start in range(0, len(examples), batch):
         chunk = examples[start:start + batch]
         data = make_batch([e.scene for e in chunk], [[e.question] for e in chunk], prompter, patch)
-        logits, _, _ = answer_logits(model, data, whitened=whitened)
+        logits, _, _ = answer_logits(model, data)
         for row, example in enumerate(chunk):
             position = int((data.targets[row] != IGNORE).nonzero()[0])
             right[example.question.type].append(int(logits[row, position].argmax()) == int(data.targets[row, position]))
@@ -217,32 +250,23 @@ def lr_at(step: int, config: TrainConfig, steps: int) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def whitening(model: LlavaForConditionalGeneration, config: TrainConfig, rng: np.random.Generator,
-              scene_config: SceneConfig, prompter: Prompter, patch: int) -> Whitened:
-    """ZCA whitening of the (frozen) feature layer's patch tokens, measured over a few batches.
+def probe_projector(projector: torch.nn.Module, heads: Heads) -> None:
+    """Start the projector as the patch probes: linear_1's first rows are the probes'
+    logits (colour, kind, size, side, count of the shape under the patch), the rest zero;
+    linear_2 is the identity. Each visual token reaches the LLM as GELU of those logits:
+    a clean code of what it shows, in dims the LLM's text embeddings share.
 
-    Two directions hold about 70% of the trained tower's feature variance (background vs
-    shape, mostly); colour and kind live in the rest. Whitened, every direction counts alike
-    for the projector, and a frozen random projector keeps them apart for the LLM.
-    """
+    From random init over raw features the LLM saw every visual token nearly alike (one
+    shared offset held ~93% of the norm), and a trained projector collapsed colour and
+    kind into one direction; neither beat chance in 1000 steps."""
+    weight, bias = heads.patch.weight, heads.patch.bias
     with torch.no_grad():
-        feats = []
-        for _ in range(config.norm_batches):
-            scenes = [sample_scene(rng, scene_config) for _ in range(config.batch)]
-            batch = make_batch(scenes, [ask(s, rng) for s in scenes], prompter, patch)
-            feats.append(feature_layer_states(model, batch.pixel_values)[:, 1:].flatten(0, 1))
-        feats = torch.cat(feats)
-        values, vectors = torch.linalg.eigh(torch.cov(feats.T))
-        whiten = vectors @ torch.diag((values.clamp_min(0) + 1e-4 * values.max()) ** -0.5) @ vectors.T
-    return Whitened(feats.mean(0), whiten)
-
-
-def fold_whitening(projector: torch.nn.Module, whitened: Whitened) -> None:
-    """W (x - m) A + b == (W A^T) x + (b - W A^T m), A = whiten: the saved projector takes raw features."""
-    with torch.no_grad():
-        weight = projector.linear_1.weight @ whitened.whiten.T
-        projector.linear_1.bias -= weight @ whitened.mean
-        projector.linear_1.weight.copy_(weight)
+        projector.linear_1.weight.zero_()
+        projector.linear_1.bias.zero_()
+        projector.linear_1.weight[: len(weight)] = weight
+        projector.linear_1.bias[: len(bias)] = bias
+        projector.linear_2.weight.copy_(torch.eye(projector.linear_2.out_features, projector.linear_2.in_features))
+        projector.linear_2.bias.zero_()
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
@@ -263,10 +287,8 @@ def step_optimizer(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: flo
 
 def train(config: TrainConfig, out: Path, scene_config: SceneConfig = SceneConfig(),
           log=print) -> dict[str, float]:
-    """Stage 1 trains the vision tower on its own targets; stage 2 freezes it and trains
-    projector + LLM on the answers, over whitened features (folded into the projector
-    when saved): the raw features share one large offset that RMSNorm keeps, and through it
-    every visual token looks alike to a from-scratch LLM."""
+    """Stage 1 trains the vision tower on its own targets; stage 2 freezes it and the
+    projector (set to the tower's patch probes) and trains the LLM on the answers."""
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     shape = model_shape(config)
@@ -299,28 +321,25 @@ def train(config: TrainConfig, out: Path, scene_config: SceneConfig = SceneConfi
             log(f"vision step {step} {time.perf_counter() - t0:.0f}s " +
                 " ".join(f"{k} {v.item():.3f}" for k, v in parts.items()))
     tower.requires_grad_(False)
-    whitened = whitening(model, config, rng, scene_config, prompter, shape.patch_size)
     projector = model.model.multi_modal_projector
-    projector.requires_grad_(config.train_projector)
-    params = (list(projector.parameters()) if config.train_projector else []) + \
-        list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
-    optimizer = make_optimizer(params, config)
+    probe_projector(projector, heads)
+    projector.requires_grad_(False)
+    optimizer = make_optimizer(list(model.model.language_model.parameters()) + list(model.lm_head.parameters()), config)
     for step in range(config.steps):
         batch = batch_of_scenes()
-        patches = sparse_patches(batch, config.sparse_background, generator) \
-            if step < config.sparse_steps else None
-        logits, _, looks = answer_logits(model, batch, patches, whitened, config.look_layer)
-        parts = {"answer": answer_loss(logits, batch), "look": look_loss(looks, batch, patches)}
-        loss = parts["answer"] + config.look_weight * parts["look"]
+        view = (lambda hidden: compressed_view(hidden, batch, config.sparse_background, config.sparse_contextual,
+                                               generator)) if step < config.sparse_steps else None
+        logits, attentions, index = answer_logits(model, batch, view, attention=True)
+        parts = {"answer": answer_loss(logits, batch), **guide_losses(attentions, batch, index, config)}
+        loss = parts["answer"] + config.guide_weight * (parts["ground"] + parts["route"])
         step_optimizer(optimizer, loss, lr_at(step, config, config.steps), config.clip)
         if step % 20 == 0 or step == config.steps - 1:
             log(f"step {step} {time.perf_counter() - t0:.0f}s " +
                 " ".join(f"{k} {v.item():.3f}" for k, v in parts.items()))
         if (step + 1) % config.eval_every == 0:
             log(f"step {step + 1} quick held-out accuracy "
-                f"{evaluate(model, prompter, quick, shape.patch_size, whitened)}")
+                f"{evaluate(model, prompter, quick, shape.patch_size)}")
     model.eval()
-    fold_whitening(projector, whitened)
     scores = evaluate(model, prompter, heldout(per_type=config.heldout_per_type), shape.patch_size)
     log(f"held-out accuracy {scores}")
     model.save_pretrained(out)
