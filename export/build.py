@@ -1,4 +1,4 @@
-"""Build one engine folder: `python export/build.py --model tiny --method sparsezip`.
+"""Build one engine folder: `python export/build.py --model shapes --method sparsezip`.
 
 Stages: load the model, export vision.onnx (CLIP up to l* + compression +
 projector) and llm.onnx (decoder with KV cache), check each against PyTorch,
@@ -27,7 +27,7 @@ from sparsezip_deploy.export.errors import ExportError
 from sparsezip_deploy.export.manifest import FORMAT_VERSION, artifact_entries, tool_versions, write_manifest
 from sparsezip_deploy.sparsezip.config import CONFIGS, MethodConfig, config_to_dict
 
-DEFAULT_MODEL = "tiny"
+DEFAULT_MODEL = "shapes"
 DEFAULT_METHOD = "sparsezip"
 
 
@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="export/build.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="'tiny' (the embedded default), a llava-hf folder or an original LLaVA folder")
+                   help="'shapes' (the embedded default, trained on generated scenes), 'tiny' (random-init, "
+                        "for tests), a llava-hf folder or an original LLaVA folder")
     p.add_argument("--vision-tower", default=None, help="CLIP folder for an original LLaVA model")
     p.add_argument("--method", default=DEFAULT_METHOD, choices=list(CONFIGS))
     p.add_argument("--out", type=Path, default=None, help="engine folder (default: engines/<model>-<method>)")

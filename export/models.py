@@ -1,4 +1,5 @@
-"""Model loading: llava-hf folders, original LLaVA folders and the built-in `tiny` model.
+"""Model loading: llava-hf folders, original LLaVA folders, the bundled `shapes` model
+(the embedded default, trained by train/train.py) and the random-init `tiny` test model.
 
 Every loader returns one `LoadedModel`: a float32 `LlavaForConditionalGeneration` in
 eval mode plus the tokenizer, preprocessing facts, chat template and special ids the
@@ -28,6 +29,9 @@ from .tiny import BUILD_INFO, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PIL_BICUBIC, TI
 from .tokenizer import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, bos_post_processor
 
 DEFAULT_CACHE_DIR = Path("~/.cache/sparsezip-deploy")
+# The embedded default: a small LLaVA trained on generated scenes (train/train.py), in
+# llava-hf layout, shipped as package data.
+SHAPES_MODEL = Path(__file__).resolve().parent / "shapes_model"
 TINY_SEED = 0
 # llava-hf padded the LLM vocabulary to a multiple of 64 after adding <image>, for
 # tensor-core friendly shapes; original checkpoints are padded the same way here.
@@ -67,14 +71,14 @@ class LoadedModel:
     bos_token_id: int
     eos_token_id: int
     pad_token_id: int
-    # kind ("llava-hf" | "llava-original" | "tiny"), path, name, weights_sha256
+    # kind ("llava-hf" | "llava-original" | "shapes" | "tiny"), path, name, weights_sha256
     # (+ vision_tower for original LLaVA).
     source: dict[str, Any]
 
 
 def load_model(spec: str | os.PathLike, vision_tower: str | os.PathLike | None = None,
                cache_dir: str | os.PathLike | None = None) -> LoadedModel:
-    """`spec`: "tiny", a llava-hf folder or an original LLaVA folder.
+    """`spec`: "shapes", "tiny", a llava-hf folder or an original LLaVA folder.
 
     `vision_tower`: a local CLIP folder, for original LLaVA folders only.
     `cache_dir`: where the tiny model is built (`<cache_dir>/tiny-seed0`).
@@ -83,10 +87,16 @@ def load_model(spec: str | os.PathLike, vision_tower: str | os.PathLike | None =
         if vision_tower is not None:
             raise ExportError("--vision-tower does not apply to the tiny model")
         return _load_llava_hf(ensure_tiny(cache_dir), kind="tiny")
+    if str(spec) == "shapes":
+        if vision_tower is not None:
+            raise ExportError("--vision-tower does not apply to the shapes model")
+        if not (SHAPES_MODEL / "config.json").is_file():
+            raise ExportError(f"the bundled shapes model is missing ({SHAPES_MODEL}): reinstall the package")
+        return _load_llava_hf(SHAPES_MODEL, kind="shapes")
     folder = Path(spec).expanduser()
     if not folder.is_dir():
         raise ExportError(f"model folder {folder} does not exist "
-                          "(expected a llava-hf folder, an original LLaVA folder or 'tiny')")
+                          "(expected a llava-hf folder, an original LLaVA folder, 'shapes' or 'tiny')")
     config = _read_json(folder / "config.json", f"{folder} has no config.json: not a model folder")
     kind = detect_kind(config, folder)
     if kind == "llava-original":
@@ -175,7 +185,7 @@ def _load_llava_hf(folder: Path, kind: str) -> LoadedModel:
         model=model, tokenizer=tokenizer, image=image, chat_template=_chat_template(folder),
         image_token_id=image_token_id, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
         source={"kind": kind, "path": str(folder.resolve()),
-                "name": "tiny" if kind == "tiny" else folder.name,
+                "name": kind if kind in ("tiny", "shapes") else folder.name,
                 "weights_sha256": _sha256_files(_weight_files(folder))},
     )
 

@@ -16,3 +16,5 @@ def test_wheel_installs_only_the_namespace(tmp_path):
     assert tops == {"sparsezip_deploy"}
     for package in ("sparsezip", "export", "runtime", "runtime/backends", "calib"):
         assert f"sparsezip_deploy/{package}/__init__.py" in names
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
+        assert f"sparsezip_deploy/export/shapes_model/{name}" in names  # the embedded default ships

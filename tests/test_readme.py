@@ -29,5 +29,6 @@ def test_readme_main_job_runs(tmp_path):
     result = subprocess.run(" && ".join(steps), shell=True, cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "engine: engines/tiny-sparsezip" in result.stdout
+    assert "engine: engines/shapes-sparsezip" in result.stdout
     assert "visual tokens" in result.stderr and "64 / 576" in result.stderr
+    assert result.stdout.rstrip().endswith("blue")  # the star in examples/shapes.png is blue
