@@ -1,6 +1,6 @@
 """Accuracy vs kept visual tokens: a model trained on generated scenes, on the held-out questions.
 
-    python benchmarks/accuracy.py --model MODEL_DIR     # budgets 16 32 64 128, 50 questions per type
+    python benchmarks/accuracy.py     # the bundled shapes model; budgets 16 32 64 128, 50 questions per type
 
 Every method is an engine built with export/build.py and asked through the runtime's
 `Pipeline` (ONNX Runtime CPU, greedy), exactly as a deployment would; the uncompressed
@@ -65,14 +65,16 @@ def fixed_variants(budget: int) -> list[Variant]:
 
 
 def build(work: Path, model: str, label: str, options: tuple[str, ...]) -> Path:
+    """The engine folder for `label`, built if missing; SystemExit with build.py's error if it fails."""
     from sparsezip_deploy.export import build as build_script
 
     out = work / label
     if not (out / "manifest.json").exists():
         t0 = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):
+        errors = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(errors):
             if build_script.main(["--model", model, "--out", str(out), "--force", *options]) != 0:
-                raise SystemExit(f"building {label} failed")
+                raise SystemExit(f"building {label} failed: {errors.getvalue().strip().splitlines()[-1]}")
         print(f"built {label} in {time.perf_counter() - t0:.0f}s", flush=True)
     return out
 
@@ -180,9 +182,10 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, key, title in ((axes[0], "all", "all held-out questions"),
                            (axes[1], "small_objects", "questions about the small shape")):
-        methods = sorted({r["method"] for r in report["results"] if r["budget"] is not None})
+        scored = [r for r in report["results"] if "error" not in r]
+        methods = sorted({r["method"] for r in scored if r["budget"] is not None})
         for method in methods:
-            rows = sorted((r for r in report["results"] if r["method"] == method), key=lambda r: r["kept_mean"])
+            rows = sorted((r for r in scored if r["method"] == method), key=lambda r: r["kept_mean"])
             ax.plot([r["kept_mean"] for r in rows], [100 * r[key] for r in rows], marker="o", label=method)
         base = next(r for r in report["results"] if r["method"] == "none")
         ax.axhline(100 * base[key], color="black", linestyle="--", label="none (576 tokens)")
@@ -202,8 +205,9 @@ def plot(report: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True,
-                   help="export/build.py --model: a folder trained by train/train.py ('tiny' for a smoke run)")
+    p.add_argument("--model", default="shapes",
+                   help="export/build.py --model: the bundled model, a folder trained by train/train.py, "
+                        "or 'tiny' for a smoke run")
     p.add_argument("--budgets", type=int, nargs="+", default=[16, 32, 64, 128])
     p.add_argument("--per-type", type=int, default=HELDOUT_PER_TYPE, help="held-out questions per type")
     p.add_argument("--calibration", type=int, default=48, help="scenes to fit the dynamic-K offset on")
@@ -227,7 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for v in variants:
         label = v.name if v.budget is None else f"{v.name}-{v.budget}"
-        engine = build(args.work, args.model, label, v.options)
+        try:
+            engine = build(args.work, args.model, label, v.options)
+        except SystemExit as failed:  # reported, not hidden: the row says why it has no accuracy
+            print(failed, flush=True)
+            results.append({"method": v.name, "budget": v.budget, "build_options": list(v.options),
+                            "error": str(failed)})
+            continue
         t0 = time.perf_counter()
         answers, kept = run_engine(engine, examples, args.threads)
         results.append({"method": v.name, "budget": v.budget, "kept_mean": kept, "build_options": list(v.options),
