@@ -87,3 +87,17 @@ def test_quant_compares_quantised_engines_with_float(latency, tmp_path):
     assert quantised["weights_bytes"] < report["variants"]["fp32"]["weights_bytes"]
     assert report["variants"]["fp32"]["fidelity"]["greedy_exact_match"]["mean"] == 1.0
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_accuracy_scores_every_method_and_the_pytorch_model(tmp_path):
+    out = tmp_path / "accuracy.json"
+    run("accuracy.py", "--model", "tiny", "--budgets", "16", "--per-type", "1", "--calibration", "4",
+        "--work", str(tmp_path / "engines"), "--out", str(out))
+    report = json.loads(out.read_text())
+    methods = {r["method"] for r in report["results"]}
+    assert methods == {"none", "visionzip", "sparsezip", "sparsezip-text", "sparsezip-dynamic",
+                       "sparsezip-dynamic-text"}
+    assert all("error" not in r and 0 <= r["all"] <= 1 for r in report["results"])
+    # The deployed uncompressed engine answers exactly as transformers' generate does.
+    assert report["pytorch"]["same_answers_as_deployed_none"] == 1.0
+    assert out.with_suffix(".png").stat().st_size > 0
