@@ -89,7 +89,7 @@ class Batch:
     patch_targets: torch.Tensor  # [B, P, len(PATCH_TARGETS)] classes, 0 = background
     # Attention targets (training aids; see train.py's guide loss), positions in `after`:
     ground_at: torch.Tensor  # [B, G] each word that names something (colour, kind, "small"); -1 = none
-    ground_to: torch.Tensor  # [B, G, 1 + P] what it names: BOS (column 0) when nothing is there, else its patches
+    ground_to: torch.Tensor  # [B, G, P] the patches it names (none: it should look at BOS)
     answer_at: torch.Tensor  # [B, Q] position whose next token starts answer q; -1 = none
     route_to: torch.Tensor  # [B, Q, T] the words of question q its answer is read through
 
@@ -163,21 +163,21 @@ def make_batch(scenes: list[Scene], questions: list[list[Question]], prompter: P
     names = prompter.words.names
     grounds = [[t for t, token in enumerate(tokens) if token in names] for tokens, _ in seqs]
     ground_at = np.full((len(seqs), max(map(len, grounds))), -1)
-    ground_to = np.zeros((*ground_at.shape, 1 + patches), bool)
+    ground_to = np.zeros((*ground_at.shape, patches), bool)
     answer_at = np.full((len(seqs), turns), -1)
     route_to = np.zeros((len(seqs), turns, width), bool)
     for row, ((tokens, target), asked) in enumerate(zip(seqs, questions)):
         for g, t in enumerate(grounds[row]):
             _, column, value = names[tokens[t]]
             ground_at[row, g] = t
-            ground_to[row, g, 1:] = labels[row][:, column] == value
-            ground_to[row, g, 0] = not ground_to[row, g, 1:].any()
+            ground_to[row, g] = labels[row][:, column] == value
         starts = [p for p in range(len(target)) if target[p] != IGNORE and (p == 0 or target[p - 1] == IGNORE)]
         answer_at[row, : len(starts)] = starts
         for q, (question, start) in enumerate(zip(asked, starts)):
             turn = range(starts[q - 1] + 1 if q else 0, start + 1)
             for t in turn:  # this turn's question words; the previous answer is not one of them
-                if tokens[t] in names and names[tokens[t]][0] in ROUTES[question.type] and target[t - 1] == IGNORE:
+                asked_word = t == 0 or target[t - 1] == IGNORE
+                if asked_word and tokens[t] in names and names[tokens[t]][0] in ROUTES[question.type]:
                     route_to[row, q, t] = True
     after = np.full((len(seqs), width), prompter.pad_id)
     targets = np.full((len(seqs), width), IGNORE)

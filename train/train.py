@@ -203,7 +203,7 @@ def guide_losses(attentions: tuple[torch.Tensor, ...], batch: Batch, index: torc
     alone takes thousands of steps to find where to look among 576 visual tokens."""
     sequence = attentions[0].shape[-1]
     before, prefix = len(batch.before), sequence - batch.after.shape[1]
-    named = batch.ground_to[..., 1:]
+    named = batch.ground_to
     if index is not None:  # a compressed view: only its patch tokens name anything
         named = named.gather(2, index.clamp_min(0)[:, None].expand(-1, named.shape[1], -1)) & (index >= 0)[:, None]
     ground_to = torch.zeros(*batch.ground_at.shape, sequence, dtype=torch.bool)
