@@ -36,6 +36,8 @@ from sparsezip_deploy.scenes.questions import (CHANCE, HELDOUT_PER_TYPE, HELDOUT
                                                heldout)
 from sparsezip_deploy.scenes.scene import render, sample_scene
 
+from common import is_current
+
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIBRATION_SEED = 7  # scenes for fitting the dynamic-K offset; not the held-out seed
 # Probe engines write K = round(PROBE_C + PROBE_G * log var(s)): log var(s) read back to 1/PROBE_G.
@@ -69,7 +71,7 @@ def build(work: Path, model: str, label: str, options: tuple[str, ...]) -> Path:
     from sparsezip_deploy.export import build as build_script
 
     out = work / label
-    if not (out / "manifest.json").exists():
+    if not is_current(out):
         t0 = time.perf_counter()
         errors = io.StringIO()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(errors):

@@ -18,6 +18,7 @@ import io
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -88,7 +89,7 @@ def ensure_engines(work: Path, size: str, methods: list[str]) -> dict[str, Path]
     engines = {}
     for name in methods:
         out = work / "engines" / f"{size}-{name}"
-        if not (out / "manifest.json").exists():
+        if not is_current(out):
             print(f"building engine {out.name}", flush=True)
             t0 = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):
@@ -97,6 +98,18 @@ def ensure_engines(work: Path, size: str, methods: list[str]) -> dict[str, Path]
             print(f"  built in {time.perf_counter() - t0:.0f}s", flush=True)
         engines[name] = out
     return engines
+
+
+def is_current(engine: Path) -> bool:
+    """A complete engine folder that this runtime reads (an older format version is rebuilt)."""
+    from sparsezip_deploy.runtime.errors import UserError
+    from sparsezip_deploy.runtime.manifest import read_manifest
+
+    try:
+        read_manifest(engine)
+    except UserError:
+        return False
+    return True
 
 
 def engines_by_name(dirs: list[Path]) -> dict[str, Path]:
@@ -115,11 +128,19 @@ def baseline_name(engines: dict[str, Path]) -> str:
     raise SystemExit("error: the speedups are relative to a method `none` engine; pass one")
 
 
-def _method_of(engine: Path) -> str:
+def manifest_of(engine: Path):
+    """The engine's manifest, read and checked by the runtime's schema (torch-free)."""
+    from sparsezip_deploy.runtime.errors import UserError
+    from sparsezip_deploy.runtime.manifest import read_manifest
+
     try:
-        return json.loads((engine / "manifest.json").read_text())["method"]["method"]
-    except (OSError, ValueError, KeyError) as e:
+        return read_manifest(engine)
+    except UserError as e:
         raise SystemExit(f"error: {engine} is not an engine folder ({e})") from None
+
+
+def _method_of(engine: Path) -> str:
+    return manifest_of(engine).method_name
 
 
 def measure(engine: Path, image: Path, prompt: str, new_tokens: int, warmup: int, threads: int,
@@ -135,10 +156,45 @@ def measure(engine: Path, image: Path, prompt: str, new_tokens: int, warmup: int
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def measure_bandwidth(threads: int, mib: int = 1024, reps: int = 5) -> dict:
+    """This machine's read bandwidth, GB/s: a float32 GEMV over `mib` MiB of weights (numpy's BLAS,
+    `threads` threads), the kernel a decode step is made of, in a fresh process; best and median of `reps`."""
+    env = {**os.environ, **{k: str(threads) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
+    done = subprocess.run([sys.executable, __file__, "--bandwidth", str(mib), str(reps)], capture_output=True,
+                          text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"error: the bandwidth process failed:\n{done.stderr[-2000:]}")
+    return {**json.loads(done.stdout), "threads": threads}
+
+
+def _bandwidth(mib: int, reps: int) -> dict:
+    import numpy as np
+
+    cols = 4096
+    weights = np.full((mib * 2**20 // (4 * cols), cols), 0.5, np.float32)
+    x = np.ones(cols, np.float32)
+    weights @ x  # pages touched, BLAS threads started
+    seconds = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        weights @ x
+        seconds.append(time.perf_counter() - t0)
+    rates = [weights.nbytes / s / 1e9 for s in seconds]
+    return {"best_gb_s": max(rates), "median_gb_s": statistics.median(rates), "bytes": weights.nbytes,
+            "reps": reps, "kernel": "float32 GEMV, numpy BLAS"}
+
+
+def llm_weight_bytes(engine: Path) -> int:
+    """The bytes a decode step reads besides the KV: llm.onnx and its external data (lm_head included)."""
+    manifest = manifest_of(engine)
+    graph = manifest.graphs["llm"].file
+    return sum(a.bytes for name, a in manifest.artifacts.items() if name.startswith(graph))
+
+
 def conditions(args: argparse.Namespace, engines: dict[str, Path]) -> dict:
     """The run conditions every benchmark JSON carries."""
-    manifest = json.loads(next(iter(engines.values())).joinpath("manifest.json").read_text())
-    from sparsezip_deploy.export.manifest import tool_versions  # torch-free; kept out of the child's imports
+    manifest = manifest_of(next(iter(engines.values()))).to_dict()
+    from sparsezip_deploy.runtime.manifest import tool_versions  # kept out of the child's imports
 
     versions = tool_versions(PACKAGES)
     return {
@@ -162,8 +218,7 @@ def cpu_model() -> str:
 
 def weight_bytes(engine: Path) -> int:
     """The model's weights as the engine stores them: graphs (+ external data) and the embedding table."""
-    artifacts = json.loads((engine / "manifest.json").read_text())["artifacts"]
-    return sum(a["bytes"] for name, a in artifacts.items() if name != "tokenizer.json")
+    return sum(a.bytes for name, a in manifest_of(engine).artifacts.items() if name != "tokenizer.json")
 
 
 # -- the runtime process (this file run as a script)
@@ -204,7 +259,7 @@ def _child(argv: list[str]) -> dict:
     chat = pipe.conversation(args.image)
     result = chat.ask(args.prompt, args.new_tokens)
     figures.update(result.to_json(), end=_status(),
-                   kv_bytes_fed=sum(a.nbytes for a in chat.cache.past_feeds().values()),
+                   kv_bytes_fed=sum(v.nbytes for v in chat.cache.bind(0)[0].values()),
                    kv_bytes_per_token=chat.cache.per_token_bytes)
     if args.profile_runs:
         figures["profile"] = _profile_vision(pipe, chat, args)
@@ -213,8 +268,8 @@ def _child(argv: list[str]) -> dict:
 
 def _profile_vision(pipe, chat, args: argparse.Namespace) -> str:
     """ORT's per-node trace of the vision graph on the feeds the timed question used; its path."""
-    import onnxruntime as ort
-
+    from sparsezip_deploy.runtime.backends import open_backend
+    from sparsezip_deploy.runtime.backends.ort import OrtOptions
     from sparsezip_deploy.runtime.generate import text_features
     from sparsezip_deploy.runtime.prompt import first_turn_ids
 
@@ -222,19 +277,19 @@ def _profile_vision(pipe, chat, args: argparse.Namespace) -> str:
     feeds = {"pixel_values": chat.pixel_values}
     if engine.vision.text_aware:
         ids = first_turn_ids(pipe.tokenizer, engine.prompt, engine.tokens, args.prompt, False)
-        feeds.update(text_features(pipe.table, ids.text_ids))
+        feeds.update(text_features(pipe.table, [ids.text_ids]))
     pipe.close()
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
-    so.enable_profiling = True
     args.profile_dir.mkdir(parents=True, exist_ok=True)
-    so.profile_file_prefix = str(args.profile_dir / args.engine.name)
-    session = ort.InferenceSession(str(engine.path(engine.graphs["vision"].file)), so,
-                                   providers=["CPUExecutionProvider"])
-    for _ in range(1 + args.profile_runs):  # the first run warms up and is dropped when read
-        session.run(None, feeds)
-    return session.end_profiling()
+    options = OrtOptions(threads=args.threads, spin=False, profile_prefix=str(args.profile_dir / args.engine.name))
+    spec = engine.graphs["vision"]
+    with open_backend("ort", engine.path(spec.file), spec, options) as vision:
+        for _ in range(1 + args.profile_runs):  # the first run warms up and is dropped when read
+            vision.run(feeds)
+        return vision.end_profiling()
 
 
 if __name__ == "__main__":
-    print(json.dumps(_child(sys.argv[1:])))
+    if sys.argv[1:2] == ["--bandwidth"]:
+        print(json.dumps(_bandwidth(int(sys.argv[2]), int(sys.argv[3]))))
+    else:
+        print(json.dumps(_child(sys.argv[1:])))

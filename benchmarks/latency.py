@@ -13,7 +13,11 @@ compression's share of it (ORT per-node profile of the vision graph), prefill
 ms, TTFT, decode tokens/s, peak RSS; visual tokens kept and KV bytes. Derived
 against `none`: prefill speedup, that speedup as a fraction of the ideal
 token ratio (prompt positions without / with compression), TTFT speedup, KV
-saved. Goals are reported, never asserted.
+saved. And the decode step against this machine's memory bandwidth: after each
+engine's process, a fresh one measures the read bandwidth (common.measure_bandwidth,
+a float32 GEMV over 1 GiB); the step's ideal is the time that reading the LLM's
+weights and the KV cache once takes at that bandwidth. Goals are reported, never
+asserted.
 """
 from __future__ import annotations
 
@@ -27,11 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import (DEFAULT_SIZE, baseline_name, check_engine_args, conditions, engine_parser, engines_by_name,
-                    ensure_engines, measure)
+                    ensure_engines, llm_weight_bytes, manifest_of, measure, measure_bandwidth)
 
 TIMED = ("vision_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s")
 GOALS = {"fraction_of_ideal_at_64": ">= 0.9", "compression_share_of_vision": "<= 0.01",
-         "kv_bytes": "== positions x per-token bytes (visual part: kept x per-token)"}
+         "kv_bytes": "== positions x per-token bytes (visual part: kept x per-token)",
+         "none_decode_step_over_bandwidth_ideal": "<= 1.15"}
 
 
 @dataclass(frozen=True)
@@ -69,9 +74,12 @@ def run_rounds(engines: dict[str, Path], args: argparse.Namespace, profile_dir: 
             last = rep == args.reps - 1
             fig = measure(engines[name], args.image, args.prompt, args.new_tokens, args.warmup, args.threads,
                           args.profile_runs if last else 0, profile_dir)
+            fig["bandwidth"] = measure_bandwidth(args.threads)  # right after: the same machine state
             runs[name].append(fig)
             print(f"round {rep + 1}/{args.reps} {name:<20} vision {fig['vision_ms']:8.1f} ms  "
-                  f"prefill {fig['prefill_ms']:8.1f} ms  TTFT {fig['ttft_ms']:8.1f} ms", flush=True)
+                  f"prefill {fig['prefill_ms']:8.1f} ms  TTFT {fig['ttft_ms']:8.1f} ms  "
+                  f"decode {fig['decode_tokens_per_s'] or 0:5.1f} tok/s  "
+                  f"bandwidth {fig['bandwidth']['median_gb_s']:5.1f} GB/s", flush=True)
     return runs
 
 
@@ -117,7 +125,7 @@ def summarise(runs: dict[str, list[dict]], engines: dict[str, Path]) -> dict[str
         # VmHWM, not the Result's getrusage figure: Linux carries ru_maxrss across execve, so a
         # process started by this (torch-importing) script would report this script's peak.
         row["peak_rss_bytes"] = spread([f["end"]["peak"] for f in figs])
-        vision_file = json.loads((engines[name] / "manifest.json").read_text())["graphs"]["vision"]["file"]
+        vision_file = manifest_of(engines[name]).graphs["vision"].file
         row["vision_split_ms"] = vision_split(Path(last["profile"]), engines[name] / vision_file)
         per_token, positions = last["kv_bytes_per_token"], last["prompt_tokens"] + len(last["token_ids"]) - 1
         row.update({k: last[k] for k in ("visual_tokens_kept", "visual_tokens_total", "prompt_tokens",
@@ -128,8 +136,32 @@ def summarise(runs: dict[str, list[dict]], engines: dict[str, Path]) -> dict[str
                            last["kv_bytes_uncompressed"] - last["kv_bytes"] ==
                            (last["visual_tokens_total"] - last["visual_tokens_kept"]) * per_token)
         row["kv_visual_bytes"] = last["visual_tokens_kept"] * per_token
+        row["decode_step"] = decode_step(figs, llm_weight_bytes(engines[name]))
         report[name] = row
     return report
+
+
+def decode_step(figs: list[dict], weight_bytes: int) -> dict:
+    """The decode step against the bandwidth measured right after it, round by round.
+
+    A step reads the LLM's weights and the KV cache once at best; the KV it reads is
+    the mean over the answer's steps (prompt + 0 .. generated - 2 positions).
+    """
+    steps, ideals, rates = [], [], []
+    for f in figs:
+        if not f["decode_tokens_per_s"]:
+            continue
+        positions = f["prompt_tokens"] + (len(f["token_ids"]) - 2) / 2
+        read = weight_bytes + positions * f["kv_bytes_per_token"]
+        rate = f["bandwidth"]["median_gb_s"]
+        steps.append(1e3 / f["decode_tokens_per_s"])
+        ideals.append(read / (rate * 1e9) * 1e3)
+        rates.append(rate)
+    last = figs[-1]
+    return {"ms": spread(steps), "ideal_ms": spread(ideals), "bandwidth_gb_s": spread(rates),
+            "over_ideal": spread([s / i for s, i in zip(steps, ideals)]), "weight_bytes": weight_bytes,
+            "kv_bytes_first_step": last["prompt_tokens"] * last["kv_bytes_per_token"],
+            "bandwidth_kernel": last["bandwidth"]["kernel"]}
 
 
 def derive(report: dict[str, dict], base: str) -> None:
@@ -144,6 +176,16 @@ def derive(report: dict[str, dict], base: str) -> None:
                    ttft_speedup=b["ttft_ms"]["median"] / row["ttft_ms"]["median"],
                    kv_saved_bytes=saved, kv_saved_pct=100.0 * saved / row["kv_bytes_uncompressed"],
                    compression_ms=split["share_of_vision"] * row["vision_ms"]["median"])
+
+
+def print_decode_table(report: dict[str, dict]) -> None:
+    print(f"{'method':<20} {'step ms':>8} {'ideal ms':>8} {'GB/s':>6} {'over ideal':>10}")
+    for name, r in report.items():
+        d = r["decode_step"]
+        if d["ms"] is None:
+            continue
+        print(f"{name:<20} {d['ms']['median']:>8.1f} {d['ideal_ms']['median']:>8.1f} "
+              f"{d['bandwidth_gb_s']['median']:>6.1f} {d['over_ideal']['median']:>9.2f}x")
 
 
 def print_table(report: dict[str, dict]) -> None:
@@ -176,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print_table(report)
+    print_decode_table(report)
     from plots import latency_plots
 
     for path in latency_plots(report, base, args.out.with_suffix("")):

@@ -145,3 +145,19 @@ def _save(fig, bar_axis, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def batch_bars(out: dict, path: Path) -> Path:
+    """Decode tokens/s: B answers one after another against B at once, with the speed-up."""
+    s = out["summary"]
+    batch = out["conditions"]["batch"]
+    names = [f"{batch} one after another", f"batch of {batch}"]
+    rates = [s["sequential_tokens_per_s"], s["batch_tokens_per_s"]]
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.bar(names, rates, color=[COLOURS["ideal"], COLOURS["prefill"]])
+    ax.annotate(f"{rates[0]:.1f} tok/s", (0, rates[0]), ha="center", va="bottom", fontsize=9)
+    ax.annotate(f"{rates[1]:.1f} tok/s\n{s['speedup']:.2f}x", (1, rates[1]), ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel("decode tokens/s (median of rounds)")
+    ax.set_ylim(0, max(rates) * 1.25)
+    ax.set_title(f"Batched decoding ({Path(out['engine']).name})")
+    return _save(fig, None, path)

@@ -127,7 +127,9 @@ def reference_name(engines: dict[str, Path]) -> str:
 
 
 def _manifest(engine: Path) -> dict:
-    return json.loads((engine / "manifest.json").read_text())
+    from sparsezip_deploy.runtime.manifest import read_manifest
+
+    return read_manifest(engine).to_dict()
 
 
 # -- speed and memory
@@ -174,21 +176,21 @@ def prompt_set(count: int, seed: int = FIDELITY_SEED) -> list[tuple]:
 
 def forced(pipe, image, question: str, tokens: list[int]) -> tuple:
     """Visual tokens and the logits [len(tokens), V] of each position, fed `tokens` whatever it predicts."""
-    from sparsezip_deploy.runtime.generate import decode_one_token, embed, encode_image, prefill, text_features
+    from sparsezip_deploy.runtime.generate import decode_one_token, embed, encode_images, prefill, text_features
     from sparsezip_deploy.runtime.kv_cache import KVCache
     from sparsezip_deploy.runtime.preprocess import preprocess
     from sparsezip_deploy.runtime.prompt import first_turn_ids
 
     engine = pipe.engine
     ids = first_turn_ids(pipe.tokenizer, engine.prompt, engine.tokens, question, False)
-    text = text_features(pipe.table, ids.text_ids) if engine.vision.text_aware else None
-    visual = encode_image(pipe.vision, preprocess(image, engine.image), text)
+    text = text_features(pipe.table, [ids.text_ids]) if engine.vision.text_aware else None
+    visual = encode_images(pipe.vision, preprocess(image, engine.image), text)[0]
     embeds = np.concatenate([embed(pipe.table, ids.before), visual.tokens.astype(engine.llm.np_dtype),
                              embed(pipe.table, ids.after)])[None]
-    cache = KVCache.for_llm(engine.llm, embeds.shape[1] + len(tokens))
-    logits = [prefill(pipe.llm, cache, embeds)]
+    cache = KVCache(pipe.llm, engine.llm, 1, embeds.shape[1] + len(tokens))
+    logits = [prefill(pipe.llm, cache, embeds)[0]]
     for token in tokens[:-1]:
-        logits.append(decode_one_token(pipe.llm, cache, pipe.table, token))
+        logits.append(decode_one_token(pipe.llm, cache, pipe.table, np.array([token]))[0])
     return visual, np.stack(logits)
 
 

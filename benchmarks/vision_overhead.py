@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from sparsezip_deploy.export.manifest import tool_versions
 from sparsezip_deploy.export.vision import OPSET, VisionGraph, example_inputs, export_vision
+from sparsezip_deploy.runtime.backends.ort import OrtOptions, open_graph
+from sparsezip_deploy.runtime.manifest import tool_versions
 from sparsezip_deploy.sparsezip.config import NoneConfig, SparseZipConfig, VisionZipConfig
 from sparsezip_deploy.sparsezip.modules import project_text_to_vision
 
@@ -71,12 +72,9 @@ class CompressionOnly(torch.nn.Module):
         return self.compressor(h, cls_attn, kmet, text_vis, text_mask)
 
 
-def ort_session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+def ort_graph(path: Path, threads: int):
+    """The graph on the runtime's own ORT backend (CPU), as the runtime runs it."""
+    return open_graph(path, OrtOptions(threads=threads))
 
 
 def time_interleaved(runners: dict, reps: int, warmup: int) -> dict[str, list[float]]:
@@ -119,8 +117,8 @@ def main(argv=None) -> int:
             export_vision(graph, path)
             print(f"exported {name}: {time.perf_counter() - t0:.1f}s, {path.stat().st_size / 2**20:.0f} MiB", flush=True)
             feeds = {k: v.numpy() for k, v in example_inputs(graph, batch=1, text_len=TEXT_LEN).items()}
-            session = ort_session(path, args.threads)
-            runners[f"ort/{name}"] = lambda s=session, f=feeds: s.run(None, f)
+            backend = ort_graph(path, args.threads)
+            runners[f"ort/{name}"] = lambda b=backend, f=feeds: b.run(f)
             exported[name] = graph
 
             if config.method != "none":
@@ -135,9 +133,9 @@ def main(argv=None) -> int:
                 with torch.no_grad():
                     torch.onnx.export(only, (), str(cpath), kwargs=cfeeds, dynamo=True, opset_version=OPSET,
                                       verbose=False)
-                csession = ort_session(cpath, args.threads)
+                cbackend = ort_graph(cpath, args.threads)
                 cnp = {k: v.numpy() for k, v in cfeeds.items()}
-                runners[f"compression/{name}"] = lambda s=csession, f=cnp: s.run(None, f)
+                runners[f"compression/{name}"] = lambda b=cbackend, f=cnp: b.run(f)
 
         pixel_values = torch.from_numpy(feeds["pixel_values"])
         with torch.no_grad():

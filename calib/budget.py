@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
+
+from sparsezip_deploy.runtime.backends.ort import open_graph
 
 from .errors import CalibError
 
@@ -115,10 +116,8 @@ def write_law(model: onnx.ModelProto, law: Law) -> None:
 
 def _kept(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]], contextual: int) -> np.ndarray:
     """K per image: num_tokens - 1 - m, from ONNX Runtime CPU."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    counts = [session.run(["num_tokens"], feed)[0].reshape(-1) for feed in feeds]
+    with open_graph(model.SerializeToString()) as graph:
+        counts = [graph.run(feed)["num_tokens"].reshape(-1) for feed in feeds]
     if not counts:
         raise CalibError("no calibration images")
     return np.concatenate(counts).astype(np.float64) - 1 - contextual

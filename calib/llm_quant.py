@@ -47,7 +47,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+
+from sparsezip_deploy.runtime.backends.ort import open_graph
 
 from .errors import CalibError
 
@@ -168,8 +169,8 @@ def check_feeds(graph: onnx.GraphProto, embeddings: np.ndarray | None, seq: int 
             rows = (embeddings[rng.integers(len(embeddings), size=2 * seq)] if embeddings is not None
                     else rng.standard_normal((2 * seq, dims[-1])))
             feeds[tensor.name] = rows.reshape(2, seq, dims[-1]).astype(dtype)
-        elif tensor.name.startswith("past_key_values."):
-            feeds[tensor.name] = np.zeros((2, dims[1], 0, dims[3]), dtype)
+        elif tensor.name.startswith("past_key_values."):  # [past, batch, kv_heads, head_dim]
+            feeds[tensor.name] = np.zeros((0, 2, dims[2], dims[3]), dtype)
     return feeds
 
 
@@ -178,14 +179,15 @@ def _run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
     Both, because MatMulNBits takes another kernel for one row (decode) than for many (prefill).
     """
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    first = dict(zip(names, session.run(names, feeds)))
-    step = {"inputs_embeds": feeds["inputs_embeds"][:, -1:],
-            "attention_mask": np.concatenate([feeds["attention_mask"], np.ones((2, 1), np.int64)], 1),
-            "position_ids": feeds["position_ids"][:, -1:] + 1}
-    step.update({n.replace("present.", "past_key_values."): first[n] for n in names if n.startswith("present.")})
-    second = session.run(["logits"], step)[0]
+    with open_graph(path) as graph:
+        first = graph.run(feeds)
+        step = {"inputs_embeds": feeds["inputs_embeds"][:, -1:],
+                "attention_mask": np.concatenate([feeds["attention_mask"], np.ones((2, 1), np.int64)], 1),
+                "position_ids": feeds["position_ids"][:, -1:] + 1}
+        # The past of the step: the prefill's (empty) past + its new positions.
+        step.update({name: np.concatenate([feeds[name], first[name.replace("past_key_values.", "new_key_values.")]])
+                     for name in feeds if name.startswith("past_key_values.")})
+        second = graph.run(step)["logits"]
     return np.concatenate([first["logits"][:, -1], second[:, -1]]).astype(np.float32)
 
 

@@ -21,7 +21,9 @@ from onnxruntime.quantization import CalibrationDataReader
 from PIL import Image
 
 from sparsezip_deploy.runtime.generate import text_features
-from sparsezip_deploy.runtime.preprocess import ImageConfig, PreprocessError, load_image, preprocess
+from sparsezip_deploy.runtime.errors import PreprocessError
+from sparsezip_deploy.runtime.manifest import ImageConfig
+from sparsezip_deploy.runtime.preprocess import load_image, preprocess
 from sparsezip_deploy.scenes.scene import render, sample_scene
 
 from .errors import CalibError
@@ -91,14 +93,14 @@ def folder_digest(folder: Path | None, count: int = DEFAULT_COUNT, seed: int = 0
 def prompt_text(tokenizer, table: np.ndarray, prompt: str = CALIBRATION_PROMPT) -> dict[str, np.ndarray]:
     """A text-aware graph's feeds for `prompt`, built as the runtime builds them (its words, no
     template or special tokens; rows of the engine's embedding table). tokenizer: a tokenizers.Tokenizer."""
-    return text_features(table, tokenizer.encode(prompt, add_special_tokens=False).ids)
+    return text_features(table, [tokenizer.encode(prompt, add_special_tokens=False).ids])
 
 
 def empty_text(width: int) -> dict[str, np.ndarray]:
     """The runtime's feeds for an empty prompt (one masked-out row): what a text-aware graph is
     calibrated with. Text enters the graph only after the encoder's linear layers, the only
     quantised nodes, so any prompt would give them the same ranges."""
-    return text_features(np.zeros((0, width), np.float32), ())
+    return text_features(np.zeros((0, width), np.float32), [()])
 
 
 class VisionCalibrationReader(CalibrationDataReader):

@@ -62,10 +62,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from PIL import Image
 
-from sparsezip_deploy.runtime.preprocess import ImageConfig
+from sparsezip_deploy.runtime.backends.ort import open_graph
+from sparsezip_deploy.runtime.manifest import ImageConfig
 
 from .errors import CalibError
 from .graph import Linears, find_linears
@@ -87,6 +87,8 @@ class Floors:
 # cosines are >= 0.9998 on the tiny model and on ViT-L; kept Jaccard means 0.91 (cpu) and
 # 0.85 (tensorrt) on random ViT-L, whose near-uniform attention makes the selection fragile,
 # and 0.97 / 0.95 on the tiny model. Trained weights, with peaked CLS attention, do better.
+# The vision graph's outputs, in the order compare_outputs takes them.
+OUTPUTS = ("visual_tokens", "num_tokens", "kept_index")
 FLOORS = {"cpu": Floors(kept_jaccard_mean=0.8, token_cosine_min=0.995),
           "tensorrt": Floors(kept_jaccard_mean=0.7, token_cosine_min=0.995)}
 
@@ -195,12 +197,6 @@ def read_float(model: onnx.ModelProto, names: Sequence[str]) -> None:
 RECIPES = {"cpu": ort_dynamic, "tensorrt": modelopt_qdq}
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def compare_outputs(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> tuple[float, np.ndarray]:
     """One image's (visual_tokens, num_tokens, kept_index) from two graphs -> kept-patch Jaccard and
     the cosines of the tokens both kept: CLS and each patch kept by both, matched by patch index
@@ -222,12 +218,12 @@ def compare_outputs(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> tup
 def check_fidelity(source: Path, output: Path, reader: VisionCalibrationReader, count: int,
                    floors: Floors) -> dict:
     """int8 against float on the first `count` images; CalibError below `floors`."""
-    ref, got = _session(source), _session(output)
     jaccards, cosines = [], []
-    for _, feeds in zip(range(count), reader.feeds()):
-        jaccard, cosine = compare_outputs(ref.run(None, feeds), got.run(None, feeds))
-        jaccards.append(jaccard)
-        cosines.append(cosine)
+    with open_graph(source) as ref, open_graph(output) as got:
+        for _, feeds in zip(range(count), reader.feeds()):
+            jaccard, cosine = compare_outputs(*([g.run(feeds)[k] for k in OUTPUTS] for g in (ref, got)))
+            jaccards.append(jaccard)
+            cosines.append(cosine)
     figures = {"images": len(jaccards), "kept_jaccard_mean": round(float(np.mean(jaccards)), 4),
                "kept_jaccard_min": round(float(np.min(jaccards)), 4),
                "token_cosine_min": round(float(np.concatenate(cosines).min()), 5), "floors": asdict(floors)}

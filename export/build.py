@@ -22,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsezip_deploy.calib.errors import CalibError
 from sparsezip_deploy.export.errors import ExportError
-from sparsezip_deploy.export.manifest import FORMAT_VERSION, artifact_entries, tool_versions, write_manifest
+from sparsezip_deploy.runtime.errors import UserError
+from sparsezip_deploy.runtime.manifest import (FORMAT_VERSION, TOKENIZER, LlmInfo, Manifest, PromptTemplate,
+                                               TokenIds, VisionInfo, artifact_entries, tool_versions,
+                                               write_manifest)
 from sparsezip_deploy.sparsezip.config import CONFIGS, MethodConfig, config_to_dict
 
 DEFAULT_MODEL = "shapes"
@@ -146,12 +148,12 @@ def build(args: argparse.Namespace) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"engine: {out}  method {config.method}, {manifest['vision']['num_slots']} slots "
-          f"of {manifest['vision']['num_patches']} patches")
+    print(f"engine: {out}  method {config.method}, {manifest.vision.num_slots} slots "
+          f"of {manifest.vision.num_patches} patches")
     return out
 
 
-def _build_into(folder: Path, loaded, graph, decoder, progress: Progress, args: argparse.Namespace) -> dict:
+def _build_into(folder: Path, loaded, graph, decoder, progress: Progress, args: argparse.Namespace) -> Manifest:
     from sparsezip_deploy.export.llm import check_llm, export_llm, save_embeddings
     from sparsezip_deploy.export.prompt import prompt_formats
     from sparsezip_deploy.export.vision import check_vision, export_vision
@@ -185,57 +187,41 @@ def _build_into(folder: Path, loaded, graph, decoder, progress: Progress, args: 
     method = graph.method
     if "dynamic_k" in calibration:
         method = dataclasses.replace(method, k_offset=calibration["dynamic_k"]["k_offset"])
-    loaded.tokenizer.save(str(folder / "tokenizer.json"))
+    loaded.tokenizer.save(str(folder / TOKENIZER))
     token = loaded.tokenizer.id_to_token
     vc = loaded.model.config.vision_config
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "source": loaded.source,
-        "method": config_to_dict(method),
-        "image": dataclasses.asdict(loaded.image),
-        "vision": {
-            "image_size": vc.image_size,
-            "patch_size": vc.patch_size,
-            "grid": [vc.image_size // vc.patch_size] * 2,
-            "num_patches": graph.num_patches,
-            "hidden_size": vc.hidden_size,
-            "feature_layer": loaded.model.config.vision_feature_layer,
-            "layers_run": graph.layers_run,
-            "num_slots": graph.num_slots,
-            "projector": "fused",
-            "out_width": graph.out_width,
-            "text_aware": graph.text_aware,
-        },
-        "llm": {
-            "num_layers": decoder.num_layers,
-            "num_kv_heads": decoder.num_kv_heads,
-            "head_dim": decoder.head_dim,
-            "hidden_size": decoder.hidden_size,
-            "vocab_size": decoder.vocab_size,
-            "max_position_embeddings": decoder.max_positions,
-            "dtype": decoder.dtype_name,
-            "embed_tokens": "embed_tokens.npy",
-        },
-        "tokens": {
-            "image_token_id": loaded.image_token_id,
-            "bos_token_id": loaded.bos_token_id,
-            "eos_token_id": loaded.eos_token_id,
-            "pad_token_id": loaded.pad_token_id,
-        },
-        "prompt": prompt_formats(loaded.chat_template, token(loaded.image_token_id),
-                                 token(loaded.bos_token_id), token(loaded.eos_token_id)),
-        "chat_template": loaded.chat_template,
-        "graphs": {"vision": {"file": "vision.onnx", **vision_io.to_dict()},
-                   "llm": {"file": "llm.onnx", **llm_io.to_dict()}},
-        "precision": {"vision": calibration.get("vision_int8", {}).get("precision", "float32"),
-                      "llm": llm_precision, "embed_tokens": decoder.dtype_name},
-        "calibration": calibration,
-        "tools": tool_versions(),
-    }
-    files = ["vision.onnx", "llm.onnx", "embed_tokens.npy", "tokenizer.json"]
-    if external:
-        files.append("llm.onnx.data")
-    manifest["artifacts"] = artifact_entries(folder, files)
+    files = ["vision.onnx", "llm.onnx", "embed_tokens.npy", TOKENIZER] + (["llm.onnx.data"] if external else [])
+    try:
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            source=loaded.source,
+            method=config_to_dict(method),
+            image=loaded.image,
+            vision=VisionInfo(
+                image_size=vc.image_size, patch_size=vc.patch_size, grid=(vc.image_size // vc.patch_size,) * 2,
+                num_patches=graph.num_patches, hidden_size=vc.hidden_size,
+                feature_layer=loaded.model.config.vision_feature_layer, layers_run=graph.layers_run,
+                num_slots=graph.num_slots, projector="fused", out_width=graph.out_width,
+                text_aware=graph.text_aware),
+            llm=LlmInfo(
+                num_layers=decoder.num_layers, num_kv_heads=decoder.num_kv_heads, head_dim=decoder.head_dim,
+                hidden_size=decoder.hidden_size, vocab_size=decoder.vocab_size,
+                max_position_embeddings=decoder.max_positions, dtype=decoder.dtype_name,
+                embed_tokens="embed_tokens.npy", cache=decoder.cache),
+            tokens=TokenIds(image_token_id=loaded.image_token_id, bos_token_id=loaded.bos_token_id,
+                            eos_token_id=loaded.eos_token_id, pad_token_id=loaded.pad_token_id),
+            prompt=PromptTemplate(**prompt_formats(loaded.chat_template, token(loaded.image_token_id),
+                                                   token(loaded.bos_token_id), token(loaded.eos_token_id))),
+            chat_template=loaded.chat_template,
+            graphs={"vision": vision_io, "llm": llm_io},
+            precision={"vision": calibration.get("vision_int8", {}).get("precision", "float32"),
+                       "llm": llm_precision, "embed_tokens": decoder.dtype_name},
+            calibration=calibration,
+            tools=tool_versions(),
+            artifacts=artifact_entries(folder, files),
+        )
+    except ValueError as e:  # the model's facts disagree with each other (e.g. a token id outside the vocabulary)
+        raise ExportError(f"the engine's manifest would be invalid: {e}") from None
     write_manifest(folder, manifest)
     return manifest
 
@@ -248,12 +234,11 @@ def _calibrate_vision(folder: Path, loaded, graph, progress: Progress, args: arg
     from sparsezip_deploy.calib.reader import (VisionCalibrationReader, calibration_images, folder_digest,
                                                prompt_text)
     from sparsezip_deploy.calib.vision_int8 import quantize_vision
-    from sparsezip_deploy.runtime.preprocess import ImageConfig
 
     source = folder_digest(args.calib_images, args.calib_count)
     progress(f"loading {args.calib_count} calibration images ({args.calib_images or 'generated scenes'})")
     images = calibration_images(args.calib_images, args.calib_count)
-    image_config = ImageConfig.from_dict(dataclasses.asdict(loaded.image))
+    image_config = loaded.image
     # A text-aware graph is calibrated with one fixed, object-neutral prompt.
     text = prompt_text(Tokenizer.from_str(loaded.tokenizer.to_str()), np.load(folder / "embed_tokens.npy")) \
         if graph.text_aware else None
@@ -291,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_exporter()
     try:
         build(args)
-    except (ExportError, CalibError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,5 +1,12 @@
-"""The one exception type the export CLI turns into a one-line error and exit status 1."""
+"""The export's user errors: the build CLI prints them as one line, exit status 1."""
+from __future__ import annotations
+
+from sparsezip_deploy.runtime.errors import UserError
 
 
-class ExportError(Exception):
-    """A user-facing error: bad model folder, bad option, unsupported layout."""
+class ExportError(UserError):
+    """A bad model folder, bad option, unsupported layout."""
+
+
+class ParityError(ExportError):
+    """An exported graph disagrees with its PyTorch source."""

@@ -1,47 +1,26 @@
-"""Each graph's inputs and outputs, declared once.
+"""Each graph's inputs and outputs, declared once, in the manifest's own types.
 
-A `GraphIO` names every tensor with its dtype and axes (an int is a static
-size, a str a symbolic one). The export call's dynamic shapes, the manifest's
-I/O table (which the runtime checks its feeds against) and TensorRT
-optimisation profiles are all derived from it.
+A graph is a `GraphSpec` (runtime/manifest.py): every tensor with its dtype and
+axes (an int is a static size, a str a symbolic one). The export call's dynamic
+shapes (here), the manifest's I/O table (which the runtime checks its feeds
+against) and TensorRT optimisation profiles are all derived from it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 
-BATCH, TEXT_LEN = "batch", "text_len"
+from sparsezip_deploy.runtime.manifest import BATCH, TEXT_LEN, GraphSpec, TensorSpec
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    dtype: str
-    shape: tuple[int | str, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "shape": list(self.shape)}
-
-
-@dataclass(frozen=True)
-class GraphIO:
-    inputs: dict[str, TensorSpec]
-    outputs: dict[str, TensorSpec]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"inputs": {k: v.to_dict() for k, v in self.inputs.items()},
-                "outputs": {k: v.to_dict() for k, v in self.outputs.items()}}
-
-    def dynamic_shapes(self) -> dict[str, dict[int, torch.export.Dim]]:
-        """torch.export dynamic shapes, one Dim object per symbolic axis name."""
-        dims: dict[str, torch.export.Dim] = {}
-        return {name: {axis: dims.setdefault(size, torch.export.Dim(size))
-                       for axis, size in enumerate(spec.shape) if isinstance(size, str)}
-                for name, spec in self.inputs.items()}
+def dynamic_shapes(spec: GraphSpec) -> dict[str, dict[int, torch.export.Dim]]:
+    """torch.export dynamic shapes of the inputs, one Dim object per symbolic axis name."""
+    dims: dict[str, torch.export.Dim] = {}
+    return {name: {axis: dims.setdefault(size, torch.export.Dim(size))
+                   for axis, size in enumerate(t.shape) if isinstance(size, str)}
+            for name, t in spec.inputs.items()}
 
 
-def vision_io(image_size: int, num_slots: int, out_width: int, text_width: int | None) -> GraphIO:
+def vision_io(image_size: int, num_slots: int, out_width: int, text_width: int | None) -> GraphSpec:
     """Vision graph (CLIP up to l* + compression + fused projector); text inputs iff text-aware."""
     inputs = {"pixel_values": TensorSpec("float32", (BATCH, 3, image_size, image_size))}
     if text_width is not None:
@@ -52,4 +31,4 @@ def vision_io(image_size: int, num_slots: int, out_width: int, text_width: int |
         "num_tokens": TensorSpec("int64", (BATCH,)),
         "kept_index": TensorSpec("int64", (BATCH, num_slots)),
     }
-    return GraphIO(inputs, outputs)
+    return GraphSpec("vision.onnx", inputs, outputs)

@@ -1,12 +1,27 @@
-"""The LLM graph: Llama decoder + lm_head with a KV cache, and its ONNX export.
+"""The LLM graph: Llama decoder + lm_head with an append-only KV cache, and its ONNX export.
 
     inputs_embeds [B,S,D], attention_mask [B,P+S] (1 = attend), position_ids [B,S],
-    past_key_values.{i}.key|value [B,kv_heads,P,head_dim]
-    -> logits [B,1,V] (last position only, float32), present.{i}.key|value [B,kv_heads,P+S,head_dim]
+    past_key_values.{i}.key|value [P,B,kv_heads,head_dim]
+    -> logits [B,1,V] (last position only, float32),
+       new_key_values.{i}.key|value [S,B,kv_heads,head_dim] (the S new positions only)
+
+Why sequence-major and new-only: the runtime keeps one buffer per cache tensor,
+laid out [capacity, B, kv_heads, head_dim]. Its first P positions are one
+contiguous view (fed as the past) and positions P..P+S the next one (bound as
+this call's output, so the graph writes the new keys and values in place).
+No call copies the cache: a Concat decoder (present = past + new) rewrites the
+whole past every step, three passes over the KV per token where one (the
+attention's read) is needed. Inside, the past is read through transposed views,
+which ONNX Runtime folds into its MatMuls (FusedMatMul transBatchB) and
+TensorRT into its GEMM strides; scores against the past and the new keys are
+computed apart and joined for one softmax, so past and new keys are never
+concatenated either.
 
 The decoder layers are written out over the HF modules' weights (projections,
-norms, rotary embedding, MLP are the HF modules themselves) so the cache is
-plain tensors in and out: no cache object has to survive tracing.
+MLP and rotary embedding are the HF modules themselves) so the cache is plain
+tensors in and out: no cache object has to survive tracing. RMSNorm is written
+as x / sqrt(mean(x^2) + eps) (HF: x * rsqrt(...)), the form ONNX Runtime fuses
+into one SimplifiedLayerNormalization kernel.
 """
 from __future__ import annotations
 
@@ -15,21 +30,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .errors import ExportError
-from .graph_io import BATCH, GraphIO, TensorSpec
+from sparsezip_deploy.runtime.backends import open_backend
+from sparsezip_deploy.runtime.manifest import BATCH, PAST, SEQ, TOTAL, CacheLayout, GraphSpec, TensorSpec
+
+from .errors import ExportError, ParityError
+from .graph_io import dynamic_shapes
 from .parity import check
 
 OPSET = 18
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # Above this the protobuf limit (2 GiB) is near: weights go to llm.onnx.data.
 EXTERNAL_DATA_BYTES = 1_800_000_000
-SEQ, PAST, TOTAL = "seq", "past", "total"
-
-
-def cache_names(num_layers: int) -> list[tuple[str, str]]:
-    return [(f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(num_layers)]
 
 
 class DecoderGraph(nn.Module):
@@ -53,59 +66,72 @@ class DecoderGraph(nn.Module):
         self.hidden_size = config.hidden_size
         self.vocab_size = self.lm_head.out_features
         self.max_positions = config.max_position_embeddings
+        self.cache = CacheLayout.single_group(self.num_layers)
 
-    def io(self) -> GraphIO:
+    def io(self) -> GraphSpec:
         dtype = self.dtype_name
-        cache = (BATCH, self.num_kv_heads, PAST, self.head_dim)
-        present = (BATCH, self.num_kv_heads, TOTAL, self.head_dim)
         inputs = {
             "inputs_embeds": TensorSpec(dtype, (BATCH, SEQ, self.hidden_size)),
             "attention_mask": TensorSpec("int64", (BATCH, TOTAL)),
             "position_ids": TensorSpec("int64", (BATCH, SEQ)),
         }
         outputs = {"logits": TensorSpec("float32", (BATCH, 1, self.vocab_size))}
-        for i, (k, v) in enumerate(cache_names(self.num_layers)):
-            inputs[k] = inputs[v] = TensorSpec(dtype, cache)
-            outputs[f"present.{i}.key"] = outputs[f"present.{i}.value"] = TensorSpec(dtype, present)
-        return GraphIO(inputs, outputs)
+        for i in range(self.num_layers):
+            for past, new in zip(self.cache.past_names(i), self.cache.new_names(i)):
+                inputs[past] = TensorSpec(dtype, (PAST, BATCH, self.num_kv_heads, self.head_dim))
+                outputs[new] = TensorSpec(dtype, (SEQ, BATCH, self.num_kv_heads, self.head_dim))
+        return GraphSpec("llm.onnx", inputs, outputs)
 
     def attention_bias(self, attention_mask, seq: int, dtype) -> torch.Tensor:
-        """[B,1,S,P+S] additive bias: causal over cache positions, and padding from attention_mask."""
+        """[B,1,1,S,P+S] additive bias: causal over cache positions, and padding from attention_mask."""
         total = attention_mask.shape[1]
         query_pos = torch.arange(seq, device=attention_mask.device).unsqueeze(-1) + (total - seq)
         causal = torch.arange(total, device=attention_mask.device).unsqueeze(0) <= query_pos
         allowed = causal.unsqueeze(0) & (attention_mask > 0).unsqueeze(1)
         # A finite minimum, not -inf: a fully padded row must give zeros, not NaN.
-        return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype).unsqueeze(1)
+        return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None]
+
+    @staticmethod
+    def rms_norm(norm, x):
+        h = x.float()
+        h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        return norm.weight * h.to(x.dtype)
 
     def layer(self, layer, x, cos, sin, bias, past_k, past_v):
+        """x [B,S,D], past_k|v [P,B,Hkv,hd] -> x, new k|v [S,B,Hkv,hd]."""
         attn = layer.self_attn
-        h = layer.input_layernorm(x)
-
-        def heads(t):  # [B,S,H*hd] -> [B,H,S,hd]
-            return t.view(*t.shape[:2], -1, self.head_dim).transpose(1, 2)
-
-        q, k, v = heads(attn.q_proj(h)), heads(attn.k_proj(h)), heads(attn.v_proj(h))
+        batch, seq = x.shape[:2]
+        h = self.rms_norm(layer.input_layernorm, x)
+        q = attn.q_proj(h).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # [B,Hq,S,hd]
+        k = attn.k_proj(h).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # [B,Hkv,S,hd]
+        v = attn.v_proj(h).view(batch, seq, -1, self.head_dim)  # [B,S,Hkv,hd]
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-        groups = attn.num_key_value_groups
-        scores = torch.matmul(q, repeat_kv(k, groups).transpose(2, 3)) * attn.scaling + bias
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        o = torch.matmul(probs, repeat_kv(v, groups)).transpose(1, 2).reshape(*x.shape[:2], -1)
+        heads, kv_heads = q.shape[1], k.shape[1]
+        groups = heads // kv_heads
+        # Query head j*groups + r reads kv head j (repeat_kv's order): [B,Hkv,groups*S,hd], no kv copies.
+        qg = q.reshape(batch, kv_heads, groups * seq, self.head_dim)
+        scores = torch.cat([torch.matmul(qg, past_k.permute(1, 2, 3, 0)),  # [B,Hkv,gS,P]
+                            torch.matmul(qg, k.transpose(2, 3))], dim=-1) * attn.scaling  # + [B,Hkv,gS,S]
+        scores = scores.view(batch, kv_heads, groups, seq, -1) + bias
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(batch, kv_heads, groups * seq, -1)
+        past = past_k.shape[0]
+        o = (torch.matmul(probs[..., :past], past_v.permute(1, 2, 0, 3))
+             + torch.matmul(probs[..., past:], v.transpose(1, 2)))  # [B,Hkv,gS,hd]
+        o = o.view(batch, heads, seq, self.head_dim).transpose(1, 2).reshape(batch, seq, -1)
         x = x + attn.o_proj(o)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return x, k, v
+        x = x + layer.mlp(self.rms_norm(layer.post_attention_layernorm, x))
+        return x, k.permute(2, 0, 1, 3), v.transpose(0, 1)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, past: list[torch.Tensor]):
         x = inputs_embeds
         cos, sin = self.rotary(x, position_ids)
         bias = self.attention_bias(attention_mask, x.shape[1], x.dtype)
-        presents = []
+        new = []
         for i, layer in enumerate(self.layers):
             x, k, v = self.layer(layer, x, cos, sin, bias, past[2 * i], past[2 * i + 1])
-            presents += [k, v]
-        logits = self.lm_head(self.norm(x[:, -1:])).float()
-        return (logits, *presents)
+            new += [k, v]
+        logits = self.lm_head(self.rms_norm(self.norm, x[:, -1:])).float()
+        return (logits, *new)
 
 
 def example_inputs(graph: DecoderGraph, batch: int = 2, seq: int = 5, past: int = 3, seed: int = 0):
@@ -116,29 +142,26 @@ def example_inputs(graph: DecoderGraph, batch: int = 2, seq: int = 5, past: int 
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
     mask[0, :1] = 0
     positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, past:]
-    cache = [(torch.randn(batch, graph.num_kv_heads, past, graph.head_dim, generator=g) * 0.5).to(dtype)
+    cache = [(torch.randn(past, batch, graph.num_kv_heads, graph.head_dim, generator=g) * 0.5).to(dtype)
              for _ in range(2 * graph.num_layers)]
     return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, "past": cache}
 
 
-def _flat_feeds(graph: DecoderGraph, feeds: dict) -> dict[str, np.ndarray]:
+def flat_feeds(graph: DecoderGraph, feeds: dict) -> dict[str, np.ndarray]:
+    """example_inputs as the graph's named numpy feeds."""
     flat = {k: v.numpy() for k, v in feeds.items() if k != "past"}
-    names = [n for pair in cache_names(graph.num_layers) for n in pair]
+    names = [n for i in range(graph.num_layers) for n in graph.cache.past_names(i)]
     flat.update({name: t.numpy() for name, t in zip(names, feeds["past"])})
     return flat
 
 
-def export_llm(graph: DecoderGraph, path: Path) -> tuple[GraphIO, bool]:
+def export_llm(graph: DecoderGraph, path: Path) -> tuple[GraphSpec, bool]:
     """Export with the dynamo exporter (traced with S > 1 and P > 0); returns (io, external data?)."""
     io = graph.io()
-    dims = {name: torch.export.Dim(name) for name in (BATCH, SEQ, PAST, TOTAL)}
-    cache_axes = {0: dims[BATCH], 2: dims[PAST]}
-    dynamic = {
-        "inputs_embeds": {0: dims[BATCH], 1: dims[SEQ]},
-        "attention_mask": {0: dims[BATCH], 1: dims[TOTAL]},
-        "position_ids": {0: dims[BATCH], 1: dims[SEQ]},
-        "past": [cache_axes] * (2 * graph.num_layers),
-    }
+    shapes = dynamic_shapes(io)
+    past_names = [n for i in range(graph.num_layers) for n in graph.cache.past_names(i)]
+    dynamic = {name: shapes[name] for name in ("inputs_embeds", "attention_mask", "position_ids")}
+    dynamic["past"] = [shapes[name] for name in past_names]
     nbytes = sum(p.numel() * p.element_size() for p in graph.parameters())
     external = nbytes > EXTERNAL_DATA_BYTES
     with torch.no_grad():
@@ -149,28 +172,27 @@ def export_llm(graph: DecoderGraph, path: Path) -> tuple[GraphIO, bool]:
 
 
 def check_llm(graph: DecoderGraph, path: Path) -> list[str]:
-    """ORT vs PyTorch on a prefill (empty cache) and a decode step fed the prefill's cache."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    """The runtime's ORT backend vs PyTorch on a prefill (empty cache) and a decode step after it."""
     names = list(graph.io().outputs)
     prefill = example_inputs(graph, batch=2, seq=6, past=0, seed=1)
     lines = []
-    for step in ("prefill", "decode"):
-        with torch.no_grad():
-            expected = dict(zip(names, (t.float().numpy() for t in graph(**prefill))))
-        got = dict(zip(names, session.run(names, _flat_feeds(graph, prefill))))
-        got = {k: v.astype(np.float32) for k, v in got.items()}
-        results = check(expected, got, graph.dtype_name)
-        if (expected["logits"].argmax(-1) != got["logits"].argmax(-1)).any():
-            raise ExportError(f"llm parity ({step}): greedy token differs between ORT and PyTorch")
-        worst = max(results, key=lambda r: r.max_abs_err / max(r.bound, 1e-30))
-        lines.append(f"{step}: {len(results)} outputs ok, worst {worst}")
-        dtype = DTYPES[graph.dtype_name]
-        cache = [torch.from_numpy(got[n]).to(dtype) for n in names[1:]]
-        mask = torch.cat([prefill["attention_mask"], torch.ones(2, 1, dtype=torch.int64)], 1)
-        prefill = {"inputs_embeds": prefill["inputs_embeds"][:, -1:] * 0.5, "attention_mask": mask,
-                   "position_ids": prefill["position_ids"][:, -1:] + 1, "past": cache}
+    with open_backend("ort", path, graph.io()) as backend:
+        for step in ("prefill", "decode"):
+            with torch.no_grad():
+                expected = dict(zip(names, (t.float().numpy() for t in graph(**prefill))))
+            got = {k: v.astype(np.float32) for k, v in backend.run(flat_feeds(graph, prefill)).items()}
+            results = check(expected, got, graph.dtype_name)
+            if (expected["logits"].argmax(-1) != got["logits"].argmax(-1)).any():
+                raise ParityError(f"llm parity ({step}): greedy token differs between ORT and PyTorch")
+            worst = max(results, key=lambda r: r.max_abs_err / max(r.bound, 1e-30))
+            lines.append(f"{step}: {len(results)} outputs ok, worst {worst}")
+            # The decode step's past: the prefill's past (empty) + its new positions, from ORT.
+            dtype = DTYPES[graph.dtype_name]
+            past = [torch.cat([p, torch.from_numpy(got[n]).to(dtype)])
+                    for p, n in zip(prefill["past"], names[1:])]
+            mask = torch.cat([prefill["attention_mask"], torch.ones(2, 1, dtype=torch.int64)], 1)
+            prefill = {"inputs_embeds": prefill["inputs_embeds"][:, -1:] * 0.5, "attention_mask": mask,
+                       "position_ids": prefill["position_ids"][:, -1:] + 1, "past": past}
     return lines
 
 

@@ -24,6 +24,8 @@ from tokenizers import AddedToken, Tokenizer
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.initialization import no_init_weights
 
+from sparsezip_deploy.runtime.manifest import ImageConfig
+
 from .errors import ExportError
 from .tiny import BUILD_INFO, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PIL_BICUBIC, TINY_FORMAT, build_tiny
 from .tokenizer import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, bos_post_processor
@@ -41,31 +43,10 @@ VOCAB_PAD_MULTIPLE = 64
 
 
 @dataclass(frozen=True)
-class ImagePreprocess:
-    """What the runtime must do to an RGB image before `pixel_values`.
-
-    Order: optional pad to square (centred, filled with int(mean * 255) as LLaVA's
-    `expand2square`), resize the shortest edge to `shortest_edge` with PIL filter
-    `resample`, optional center crop to `crop_height` x `crop_width`, multiply by
-    `rescale_factor`, normalise with `mean` / `std`.
-    """
-
-    crop_height: int
-    crop_width: int
-    shortest_edge: int
-    resample: int
-    rescale_factor: float
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    do_center_crop: bool
-    pad_to_square: bool
-
-
-@dataclass(frozen=True)
 class LoadedModel:
     model: LlavaForConditionalGeneration
     tokenizer: Tokenizer
-    image: ImagePreprocess
+    image: ImageConfig
     chat_template: str
     image_token_id: int
     bos_token_id: int
@@ -433,7 +414,7 @@ def _check_llava15(vision_type: str, text_type: str, feature_layer: Any, folder:
 
 
 def _image_preprocess(processor: dict[str, Any], vision_image_size: int, *,
-                      pad_to_square: bool, folder: Path) -> ImagePreprocess:
+                      pad_to_square: bool, folder: Path) -> ImageConfig:
     """From a CLIPImageProcessor config; an empty dict gives the OpenAI CLIP defaults."""
     size = processor.get("size", {"shortest_edge": vision_image_size})
     if isinstance(size, int):
@@ -456,7 +437,7 @@ def _image_preprocess(processor: dict[str, Any], vision_image_size: int, *,
     if processor.get("do_normalize", True):
         mean = tuple(float(v) for v in processor.get("image_mean", OPENAI_CLIP_MEAN))
         std = tuple(float(v) for v in processor.get("image_std", OPENAI_CLIP_STD))
-    return ImagePreprocess(
+    return ImageConfig(
         crop_height=int(image_size), crop_width=int(image_size), shortest_edge=int(shortest),
         resample=int(processor.get("resample", PIL_BICUBIC)), rescale_factor=rescale,
         mean=mean, std=std, do_center_crop=do_center_crop, pad_to_square=pad_to_square,

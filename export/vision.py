@@ -15,11 +15,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from sparsezip_deploy.runtime.backends import open_backend
+from sparsezip_deploy.runtime.manifest import GraphSpec
 from sparsezip_deploy.sparsezip.config import MethodConfig, SparseZipConfig
 from sparsezip_deploy.sparsezip.modules import build_compressor, project_text_to_vision
 
 from .errors import ExportError
-from .graph_io import GraphIO, vision_io
+from .graph_io import dynamic_shapes, vision_io
 from .parity import check_visual_tokens
 
 OPSET = 18
@@ -69,7 +71,7 @@ class VisionGraph(nn.Module):
     def out_width(self) -> int:
         return self.projector.linear_2.out_features
 
-    def io(self) -> GraphIO:
+    def io(self) -> GraphSpec:
         return vision_io(self.image_size, self.num_slots, self.out_width,
                          self.out_width if self.text_aware else None)
 
@@ -115,7 +117,7 @@ def example_inputs(graph: VisionGraph, batch: int = 2, text_len: int = 7, seed: 
     return feeds
 
 
-def export_vision(graph: VisionGraph, path: Path) -> GraphIO:
+def export_vision(graph: VisionGraph, path: Path) -> GraphSpec:
     """Export `graph` to ONNX (torch dynamo exporter, opset 18); dynamic batch and text length."""
     io = graph.io()
     feeds = example_inputs(graph)
@@ -123,16 +125,15 @@ def export_vision(graph: VisionGraph, path: Path) -> GraphIO:
         torch.onnx.export(
             graph.eval(), (), str(path), kwargs=feeds, dynamo=True, opset_version=OPSET,
             input_names=list(io.inputs), output_names=list(io.outputs),
-            dynamic_shapes=io.dynamic_shapes(), external_data=False, verbose=False)
+            dynamic_shapes=dynamic_shapes(io), external_data=False, verbose=False)
     return io
 
 
-def run_onnx(path: Path, feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, {k: v.numpy() for k, v in feeds.items()})))
+def run_onnx(path: Path, feeds: dict[str, torch.Tensor], spec: GraphSpec | None = None) -> dict[str, np.ndarray]:
+    """The exported graph on the runtime's own ORT backend (CPU), feeds checked against `spec`
+    (None: against the graph's own declaration)."""
+    with open_backend("ort", path, spec) as backend:
+        return backend.run({k: v.numpy() for k, v in feeds.items()})
 
 
 def check_vision(graph: VisionGraph, path: Path) -> list[str]:
@@ -140,4 +141,4 @@ def check_vision(graph: VisionGraph, path: Path) -> list[str]:
     feeds = example_inputs(graph, seed=1)
     with torch.no_grad():
         expected = dict(zip(graph.io().outputs, (t.numpy() for t in graph(**feeds))))
-    return [str(c) for c in check_visual_tokens(expected, run_onnx(path, feeds))]
+    return [str(c) for c in check_visual_tokens(expected, run_onnx(path, feeds, graph.io()))]

@@ -22,11 +22,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn, TextIO
 
+from .backends import backend_options
 from .backends.ort import PROVIDERS, OrtOptions
-from .errors import EngineError
+from .errors import EngineError, UserError
 from .generate import GenerationConfig
 from .pipeline import Conversation, Pipeline, Result
-from .preprocess import PreprocessError, load_image
+from .preprocess import load_image
 from .selection import save_selection
 
 END_OF_CHAT = ("", "exit")
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args, sys.stdin, sys.stdout, sys.stderr)
-    except (EngineError, PreprocessError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     config = GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    options = OrtOptions(args.provider, args.threads)  # option errors before the slow loads
+    options = backend_options("ort", provider=args.provider, threads=args.threads)  # errors before the loads
     image = load_image(args.image)
     prompts = _prompts(args, stdin, stderr)
     first = args.prompt if args.prompt is not None else next(prompts, None)

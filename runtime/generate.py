@@ -1,15 +1,15 @@
-"""The data path, as verbs: encode_image -> embed -> prefill -> decode_one_token -> generate.
+"""The data path, as verbs: encode_images -> embed -> prefill -> decode_one_token -> generate.
 
-Batch 1 throughout (one image, one conversation). Shapes in the comments use
-n = valid visual tokens, D = LLM hidden size, T = tokens fed in one call,
-V = vocabulary. Every LLM call goes through `forward`, which feeds the cache's
-valid positions as the past, contiguous positions after them, and writes the
-new positions of `present.*` back into the cache.
+B rows (conversations) at once; B = 1 is a single conversation. Shapes in the
+comments use n = valid visual tokens of a row, D = LLM hidden size, T = tokens
+fed in one call, V = vocabulary. Every LLM call goes through `forward`: the
+cache's past stays on the backend's device, each row's positions continue from
+its own `input_pos`, and a left-padded batch masks its padding out.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,62 +44,81 @@ class VisualTokens:
     tokens: np.ndarray  # [n, D] float32, padding rows already dropped
     kept_index: np.ndarray  # [n] int64: source patch of each token, -1 for CLS / merged
     num_slots: int  # S, what the graph returns before dropping padding
-    vision_ms: float
+    vision_ms: float  # the vision call that produced it (shared by a batch)
 
 
-def text_features(table: np.ndarray, text_ids: list[int] | tuple[int, ...]) -> dict[str, np.ndarray]:
-    """text_embeds [1,T,D] float32 + text_mask [1,T] int64 for a text-aware vision graph.
+def text_features(table: np.ndarray, texts: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+    """text_embeds [B,T,D] float32 + text_mask [B,T] int64 for a text-aware vision graph, right-padded.
 
-    No words at all (an empty prompt) is one masked-out row: the graph's relevance
+    No words at all (an empty prompt) is a masked-out row: the graph's relevance
     is then zero everywhere, i.e. no text term, without a zero-length axis.
     """
-    if not text_ids:
-        return {"text_embeds": np.zeros((1, 1, table.shape[1]), np.float32),
-                "text_mask": np.zeros((1, 1), np.int64)}
-    rows = embed(table, text_ids).astype(np.float32)
-    return {"text_embeds": rows[None], "text_mask": np.ones((1, len(text_ids)), np.int64)}
+    width = max([1, *map(len, texts)])
+    embeds = np.zeros((len(texts), width, table.shape[1]), np.float32)
+    mask = np.zeros((len(texts), width), np.int64)
+    for row, ids in enumerate(texts):
+        if ids:
+            embeds[row, :len(ids)] = embed(table, ids)
+            mask[row, :len(ids)] = 1
+    return {"text_embeds": embeds, "text_mask": mask}
 
 
-def encode_image(vision: Backend, pixel_values: np.ndarray,
-                 text: dict[str, np.ndarray] | None = None) -> VisualTokens:
-    """pixel_values [1,3,H,W] (+ text_embeds [1,T,D], text_mask [1,T]) -> the valid visual tokens."""
+def encode_images(vision: Backend, pixel_values: np.ndarray,
+                  text: dict[str, np.ndarray] | None = None) -> list[VisualTokens]:
+    """pixel_values [B,3,H,W] (+ text_embeds [B,T,D], text_mask [B,T]) -> each row's valid visual tokens."""
     t0 = time.perf_counter()
     out = vision.run({"pixel_values": pixel_values, **(text or {})})
     vision_ms = (time.perf_counter() - t0) * 1e3
-    slots = out["visual_tokens"].shape[1]  # visual_tokens: [1,S,D]
-    n = int(out["num_tokens"][0])
-    if not 0 < n <= slots:
-        raise EngineError(f"vision graph returned num_tokens {n} for {slots} slots")
-    return VisualTokens(out["visual_tokens"][0, :n], out["kept_index"][0, :n], slots, vision_ms)
+    slots = out["visual_tokens"].shape[1]  # visual_tokens: [B,S,D]
+    rows = []
+    for b, n in enumerate(out["num_tokens"].tolist()):
+        if not 0 < n <= slots:
+            raise EngineError(f"vision graph returned num_tokens {n} for {slots} slots")
+        rows.append(VisualTokens(out["visual_tokens"][b, :n], out["kept_index"][b, :n], slots, vision_ms))
+    return rows
 
 
-def embed(table: np.ndarray, ids: list[int] | tuple[int, ...]) -> np.ndarray:
+def embed(table: np.ndarray, ids: Sequence[int]) -> np.ndarray:
     """ids [T] -> rows of the embedding table [T, D] (table dtype; the table may be memory-mapped)."""
     return np.asarray(table[np.asarray(ids, dtype=np.int64)])
 
 
-def forward(llm: Backend, cache: KVCache, embeds: np.ndarray) -> np.ndarray:
-    """embeds [1,T,D] after the cache's `length` positions -> logits of the last position [V] float32."""
-    past, seq = cache.length, embeds.shape[1]
-    feeds = {
-        "inputs_embeds": embeds,
-        "attention_mask": np.ones((1, past + seq), np.int64),
-        "position_ids": np.arange(past, past + seq, dtype=np.int64)[None],
-        **cache.past_feeds(),
-    }
-    out = llm.run(feeds)
-    cache.append(out, seq)
-    return out["logits"][0, -1].astype(np.float32)  # logits: [1,1,V]
+def pad_left(rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts [T_b, D] -> embeds [B, T, D] left-padded with zeros, mask [B, T] (1 = real token)."""
+    width = max(len(r) for r in rows)
+    embeds = np.zeros((len(rows), width, rows[0].shape[1]), rows[0].dtype)
+    mask = np.zeros((len(rows), width), np.int64)
+    for b, r in enumerate(rows):
+        embeds[b, width - len(r):] = r
+        mask[b, width - len(r):] = 1
+    return embeds, mask
 
 
-def prefill(llm: Backend, cache: KVCache, embeds: np.ndarray) -> np.ndarray:
-    """A whole turn's prompt [1,T,D] in one call -> logits of its last position [V]."""
-    return forward(llm, cache, embeds)
+def forward(llm: Backend, cache: KVCache, embeds: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """embeds [B,T,D] after what the cache holds, mask [B,T] (None: all real) -> last logits [B,V] float32."""
+    if mask is None:
+        mask = np.ones(embeds.shape[:2], np.int64)
+    past, present = cache.bind(embeds.shape[1])
+    feeds = {"inputs_embeds": embeds, "attention_mask": cache.attention_mask(mask),
+             "position_ids": cache.position_ids(mask), **past}
+    out = llm.run(feeds, outputs=present)
+    cache.advance(mask)
+    return out["logits"][:, -1].astype(np.float32)  # logits: [B,1,V]
 
 
-def decode_one_token(llm: Backend, cache: KVCache, table: np.ndarray, token: int) -> np.ndarray:
-    """The last sampled token -> logits for the next one [V]."""
-    return forward(llm, cache, embed(table, [token])[None])
+def prefill(llm: Backend, cache: KVCache, embeds: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """A whole turn's prompts [B,T,D] (left-padded, `mask`) in one call -> logits of their last position [B,V]."""
+    return forward(llm, cache, embeds, mask)
+
+
+def decode_one_token(llm: Backend, cache: KVCache, table: np.ndarray, tokens: np.ndarray,
+                     active: np.ndarray | None = None) -> np.ndarray:
+    """The last sampled token of each row [B] -> logits for the next one [B,V].
+
+    `active` [B] bool: rows that stopped feed a padding slot (masked, no position used).
+    """
+    mask = None if active is None else active.astype(np.int64)[:, None]
+    return forward(llm, cache, embed(table, tokens)[:, None], mask)
 
 
 def sample(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generator) -> int:
@@ -120,15 +139,22 @@ def sample(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generato
 
 
 def generate(llm: Backend, cache: KVCache, table: np.ndarray, logits: np.ndarray, config: GenerationConfig,
-             eos_token_id: int, rng: np.random.Generator) -> Iterator[int]:
-    """Yield tokens as produced, starting from the prefill's `logits`; stop after EOS or max_new_tokens.
+             eos_token_id: int, rngs: Sequence[np.random.Generator]) -> Iterator[np.ndarray]:
+    """Yield each step's tokens [B] from the prefill's `logits` [B,V]; -1 marks a row that already stopped.
 
-    The last yielded token is never fed back: it is not in the cache when this
-    returns (a chat feeds it at the start of the next turn, unless it is EOS).
+    A row stops after its EOS; all stop after max_new_tokens. A stopped row is fed
+    a masked padding slot from then on (its outputs ignored, no position used), so
+    that the others go on in one call and its cache holds what it would alone.
+    The last yielded tokens are never fed back: they are not in the cache when
+    this returns (a chat feeds them at the start of the next turn, unless EOS).
     """
+    done = np.zeros(len(rngs), bool)
     for step in range(config.max_new_tokens):
-        token = sample(logits, config, rng)
-        yield token
-        if token == eos_token_id or step == config.max_new_tokens - 1:
+        tokens = np.array([-1 if done[b] else sample(logits[b], config, rngs[b]) for b in range(len(rngs))],
+                          np.int64)
+        yield tokens
+        done |= tokens == eos_token_id
+        if done.all() or step == config.max_new_tokens - 1:
             return
-        logits = decode_one_token(llm, cache, table, token)
+        logits = decode_one_token(llm, cache, table, np.where(done, eos_token_id, tokens),
+                                  None if not done.any() else ~done)

@@ -1,96 +1,152 @@
-"""The KV cache: one object per conversation, allocated once, written in place.
+"""The LLM's KV cache: one device buffer per cache tensor, written in place by the graph, positions explicit.
 
-    keys[i], values[i]: [batch, kv_heads, capacity, head_dim]   (llm dtype)
-    positions 0..length-1 are valid; the graph sees the views [:, :, :length].
+    buffer (one per layer, K and V):  [capacity, B, kv_heads, head_dim]   on the backend's device
+    past feed:    its first L positions   [L, B, kv_heads, head_dim]   (a view: offset 0)
+    new output:   the next S positions    [S, B, kv_heads, head_dim]   (a view: offset L)
 
-Capacity is what this conversation needs (prompt + max_new_tokens), not the
-model's context length: a 7B model's 4096 positions would be 2 GiB in fp16,
-almost all of it never touched. After each LLM call only the new positions of
-the `present` outputs are copied in; the past ones are already there.
+The decoder graph (export/llm.py) is append-only and sequence-major: it reads
+its past and writes only the S new positions. Both are contiguous views of the
+same buffer, bound by pointer through the backend, so nothing is copied per
+call and nothing crosses to the host but the logits. (A Concat decoder's
+`present` has L + S positions and cannot be bound to a max-capacity buffer;
+binding it to a second buffer that swaps roles with the first each step would
+rewrite the whole cache every token and keep two copies of it.)
+
+Positions are state of their own, not the occupancy: `input_pos[b]` is row b's
+next position id and `mask[b, j]` says whether slot j of row b holds a real
+token (left padding of a batch does not). Each layer group (manifest
+`llm.cache.groups`) keeps its own length: one group today; a method that drops
+tokens inside the LLM keeps fewer positions in its later layers.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
-from .engine import LlmInfo, past_names, present_names
+from .backends.base import Backend, DeviceBuffer, TensorView
+from .manifest import LlmInfo
+
+
+@dataclass
+class _Tensor:
+    """One cache tensor (a layer's K or V): its graph names and its buffer."""
+
+    past_name: str
+    new_name: str
+    buffer: DeviceBuffer | None = None
+
+
+@dataclass
+class _Group:
+    layers: tuple[int, ...]
+    tensors: list[_Tensor]
+    length: int = 0  # slots held (real or padding), the same for every row
 
 
 class KVCache:
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int,
-                 dtype: np.dtype | type, batch: int = 1):
-        assert min(num_layers, kv_heads, head_dim, capacity, batch) >= 1
-        self.num_layers, self.kv_heads, self.head_dim, self.batch = num_layers, kv_heads, head_dim, batch
-        self.dtype = np.dtype(dtype)
-        self.length = 0
-        self.keys, self.values = self._allocate(capacity)
+    def __init__(self, backend: Backend, llm: LlmInfo, batch: int, capacity: int):
+        assert batch >= 1 and capacity >= 1
+        self.backend, self.batch = backend, batch
+        self.kv_heads, self.head_dim, self.dtype = llm.num_kv_heads, llm.head_dim, llm.np_dtype
+        layout = llm.cache
+        self.groups = [_Group(g.layers, [_Tensor(past, new)
+                                         for layer in g.layers
+                                         for past, new in zip(layout.past_names(layer), layout.new_names(layer))])
+                       for g in layout.groups]
+        self.capacity = 0  # positions every buffer holds
+        self.input_pos = np.zeros(batch, np.int64)  # [B]: next position id of each row
+        self.mask = np.zeros((batch, 0), np.int64)  # [B, capacity]: 1 = real token
+        self.reserve(capacity)
 
-    @classmethod
-    def for_llm(cls, llm: LlmInfo, capacity: int, batch: int = 1) -> KVCache:
-        return cls(llm.num_layers, llm.num_kv_heads, llm.head_dim, capacity, llm.np_dtype, batch)
-
-    def _allocate(self, capacity: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        shape = (self.batch, self.kv_heads, capacity, self.head_dim)
-        # np.empty: positions past `length` are never read, so zeroing them is wasted work.
-        return ([np.empty(shape, self.dtype) for _ in range(self.num_layers)],
-                [np.empty(shape, self.dtype) for _ in range(self.num_layers)])
+    # -- sizes
 
     @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[2]
+    def length(self) -> int:
+        """Slots held by the first group (the one the attention mask covers)."""
+        return self.groups[0].length
+
+    @property
+    def slot_bytes(self) -> int:
+        """One position of every row in one cache tensor: B x kv_heads x head_dim x itemsize."""
+        return self.batch * self.kv_heads * self.head_dim * self.dtype.itemsize
 
     @property
     def per_token_bytes(self) -> int:
-        """2 (K, V) x layers x kv_heads x head_dim x itemsize, times batch (1 in the runtime)."""
-        return 2 * self.num_layers * self.kv_heads * self.head_dim * self.dtype.itemsize * self.batch
+        """One position of one row, K and V of every layer (LlmInfo.kv_bytes_per_token)."""
+        return sum(len(g.tensors) for g in self.groups) * self.slot_bytes // self.batch
 
     @property
     def nbytes_used(self) -> int:
-        return self.length * self.per_token_bytes
+        """The slots every group holds, padding included, all rows."""
+        return sum(g.length * len(g.tensors) for g in self.groups) * self.slot_bytes
+
+    def row_bytes(self, row: int) -> int:
+        """The real (not padding) positions row `row` holds, K and V of every layer."""
+        return int(self.mask[row, :self.length].sum()) * self.per_token_bytes
 
     @property
     def nbytes_allocated(self) -> int:
-        return sum(a.nbytes for a in self.keys) + sum(a.nbytes for a in self.values)
+        return sum(t.buffer.nbytes for g in self.groups for t in g.tensors)
 
-    def past_feeds(self) -> dict[str, np.ndarray]:
-        """The graph's past_key_values.* inputs: views of the valid positions, no copy here.
+    # -- one LLM call
 
-        The views are strided along the capacity axis; ONNX Runtime copies a
-        non-contiguous input into its own buffer, which costs the same order as
-        the attention over it, and keeps this cache free of per-step allocations.
+    def reserve(self, positions: int) -> bool:
+        """Make room for `positions` slots in all; True if the buffers had to grow.
+
+        Only a chat's later turns grow (the first turn allocates prompt +
+        max_new_tokens; the next user line is unknown until typed), by half the
+        capacity at least so that a long chat grows rarely. Growing copies the
+        held slots device to device, once.
         """
-        feeds = {}
-        for i in range(self.num_layers):
-            k, v = past_names(i)
-            feeds[k] = self.keys[i][:, :, :self.length]
-            feeds[v] = self.values[i][:, :, :self.length]
-        return feeds
-
-    def append(self, outputs: Mapping[str, np.ndarray], new: int) -> None:
-        """Copy positions [length, length+new) of the present.* outputs in; length += new."""
-        end = self.length + new
-        if end > self.capacity:
-            raise ValueError(f"KV cache overflow: {end} positions, capacity {self.capacity}")
-        for i in range(self.num_layers):
-            for name, store in zip(present_names(i), (self.keys[i], self.values[i])):
-                present = outputs[name]
-                # present: [batch, kv_heads, length+new, head_dim]
-                assert present.shape == (self.batch, self.kv_heads, end, self.head_dim), (name, present.shape)
-                store[:, :, self.length:end] = present[:, :, self.length:end]
-        self.length = end
-
-    def ensure_capacity(self, needed: int) -> bool:
-        """Make room for `needed` positions in total; True if it had to grow.
-
-        Only a chat's later turns get here: the first turn allocated exactly
-        prompt + max_new_tokens, and the next user line is unknown until typed.
-        Growing reallocates once to `needed` and copies the valid positions.
-        """
-        if needed <= self.capacity:
+        if positions <= self.capacity:
             return False
-        keys, values = self._allocate(needed)
-        for old, new in zip(self.keys + self.values, keys + values):
-            new[:, :, :self.length] = old[:, :, :self.length]
-        self.keys, self.values = keys, values
+        if self.capacity:
+            positions = max(positions, self.capacity + self.capacity // 2)
+        held = self.length * self.slot_bytes
+        for group in self.groups:
+            for t in group.tensors:
+                old, t.buffer = t.buffer, self.backend.allocate(positions * self.slot_bytes)
+                if old is not None and held:
+                    self.backend.copy(old, t.buffer, held)
+        mask = np.zeros((self.batch, positions), np.int64)
+        mask[:, :self.length] = self.mask[:, :self.length]
+        self.mask, self.capacity = mask, positions
         return True
+
+    def bind(self, new: int) -> tuple[dict[str, TensorView], dict[str, TensorView]]:
+        """The past feeds (the L slots held) and the new-position outputs (the next `new` slots)."""
+        self.reserve(self.length + new)
+        past, out = {}, {}
+        for group in self.groups:
+            for t in group.tensors:
+                past[t.past_name] = self._view(t.buffer, 0, group.length)
+                out[t.new_name] = self._view(t.buffer, group.length, new)
+        return past, out
+
+    def advance(self, mask: np.ndarray) -> None:
+        """After the call bound by `bind`: its slots' mask [B, new] (1 = real) is recorded."""
+        new = mask.shape[1]
+        self.mask[:, self.length:self.length + new] = mask
+        self.input_pos += mask.sum(axis=1)
+        for group in self.groups:
+            group.length += new
+
+    def attention_mask(self, mask: np.ndarray) -> np.ndarray:
+        """[B, L + new]: the slots held so far, then this call's `mask` [B, new]."""
+        return np.concatenate([self.mask[:, :self.length], mask], axis=1)
+
+    def position_ids(self, mask: np.ndarray) -> np.ndarray:
+        """[B, new]: each row's real tokens continue at its next position; padding slots get 0."""
+        return np.maximum(self.input_pos[:, None] + np.cumsum(mask, axis=1) - 1, 0)
+
+    def _view(self, buffer: DeviceBuffer, start: int, count: int) -> TensorView:
+        return buffer.view((count, self.batch, self.kv_heads, self.head_dim), self.dtype, start * self.slot_bytes)
+
+    def host_copy(self, name: str) -> np.ndarray:
+        """The held part of past tensor `name` (e.g. past_key_values.0.key) on the host: tests only."""
+        for group in self.groups:
+            for t in group.tensors:
+                if t.past_name == name:
+                    return self.backend.to_host(self._view(t.buffer, 0, group.length))
+        raise KeyError(name)

@@ -1,19 +1,25 @@
-"""The Python API: an engine folder loaded once, conversations about one image each.
+"""The Python API: an engine folder loaded once, conversations about one image each, or a batch of them.
 
     with Pipeline("engines/tiny-sparsezip") as pipe:
         result = pipe.ask("cat.png", "What is in the picture?", max_new_tokens=32)
         chat = pipe.conversation("cat.png")
         first = chat.ask("What is in the picture?")
         second = chat.ask("What colour is it?")   # reuses the image tokens and the KV cache
+        answers = pipe.ask_batch(["a.png", "b.png"], ["What is it?", "How many?"])   # B rows at once
 
-`Result` carries the generated ids and every figure the CLI prints.
+A batch runs B conversations together: one vision call for the B images, one
+LLM call per step for all rows (the weights are read once for B tokens). Rows
+carry their own numbers of visual tokens; prompts are left-padded to a common
+length under the attention mask, every row has its own positions, sampler and
+stop. A row's greedy answer is the one it gets alone. `Result` carries the
+generated ids and every figure the CLI prints.
 """
 from __future__ import annotations
 
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from os import PathLike
 from pathlib import Path
@@ -22,19 +28,21 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .backends.ort import OrtBackend, OrtOptions
-from .engine import Engine, load_engine
+from .backends import backend_options, open_backend
+from .engine import EngineFolder, load_engine
 from .errors import EngineError
-from .generate import (GenerationConfig, VisualTokens, embed, encode_image, generate, prefill,
+from .generate import (GenerationConfig, VisualTokens, embed, encode_images, generate, pad_left, prefill,
                        text_features)
 from .kv_cache import KVCache
 from .preprocess import load_image, preprocess
 from .prompt import TextStream, check_length, first_turn_ids, load_tokenizer, next_turn_ids
 
+ImageInput = str | PathLike | Image.Image
+
 
 @dataclass(frozen=True)
 class Result:
-    """One turn's answer and what it cost. Times in ms; bytes for batch 1."""
+    """One turn's answer (of one row) and what it cost. Times in ms; bytes for this row."""
 
     text: str
     token_ids: tuple[int, ...]  # generated ids, EOS included if produced
@@ -45,16 +53,17 @@ class Result:
     prompt_tokens: int  # positions prefilled this turn (text + visual on the first turn)
     prompt_text_tokens: int
     preprocess_ms: float
-    vision_ms: float  # 0 on follow-up turns: the image tokens are reused
-    prefill_ms: float
+    vision_ms: float  # 0 on follow-up turns: the image tokens are reused (a batch: its one vision call)
+    prefill_ms: float  # a batch: its one prefill call
     ttft_ms: float  # from the vision graph's start (a follow-up: the turn's start) to the first token
-    decode_ms: float  # first token sampled -> last token sampled
+    decode_ms: float  # first token sampled -> this row's last token sampled
     decode_tokens_per_s: float | None  # tokens after the first / decode_ms; None with one token
-    kv_bytes: int  # the cache's valid positions after this turn
-    kv_bytes_allocated: int
-    kv_bytes_uncompressed: int  # the same cache with all visual_tokens_total patches instead
+    kv_bytes: int  # the cache positions this row holds after this turn (batch padding not counted)
+    kv_bytes_allocated: int  # the whole cache (all rows of a batch)
+    kv_bytes_uncompressed: int  # this row's positions with all visual_tokens_total patches instead
     peak_rss_bytes: int
-    kept_index: tuple[int, ...] = field(repr=False)  # source patch per visual token, -1 CLS / merged
+    batch: int = 1  # rows answered together
+    kept_index: tuple[int, ...] = field(default=(), repr=False)  # source patch per visual token, -1 CLS / merged
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -77,19 +86,24 @@ def peak_rss_bytes() -> int:
 
 
 class Pipeline:
-    """An engine folder with its two graphs, tokenizer and embedding table, loaded once."""
+    """An engine folder with its two graphs, tokenizer and embedding table, loaded once.
 
-    def __init__(self, engine_dir: str | PathLike, provider: str = OrtOptions.provider,
-                 threads: int | None = OrtOptions.threads, verify_checksums: bool = True):
-        self.engine: Engine = load_engine(engine_dir, verify_checksums=verify_checksums)
-        options = OrtOptions(provider, threads)
+    `backend` names the runner (runtime/backends: "ort"); `provider` its device
+    (cpu | cuda | tensorrt). The KV cache lives on that device.
+    """
+
+    def __init__(self, engine_dir: str | PathLike, provider: str = "cpu", threads: int | None = None,
+                 verify_checksums: bool = True, backend: str = "ort"):
+        self.engine: EngineFolder = load_engine(engine_dir, verify_checksums=verify_checksums)
+        llm_options = backend_options(backend, provider=provider, threads=threads)
+        # One vision run per image, then the LLM's: its threads must not spin on after it.
+        vision_options = backend_options(backend, provider=provider, threads=threads, spin=False)
         self.tokenizer = load_tokenizer(self.engine)
         self.table = self._load_table()
         graphs = self.engine.graphs
-        # One vision run per image, then the LLM's: its threads must not spin on after it.
-        self.vision = OrtBackend(self.engine.path(graphs["vision"].file), graphs["vision"],
-                                 replace(options, spin=False))
-        self.llm = OrtBackend(self.engine.path(graphs["llm"].file), graphs["llm"], options)
+        self.vision = open_backend(backend, self.engine.path(graphs["vision"].file), graphs["vision"],
+                                   vision_options)
+        self.llm = open_backend(backend, self.engine.path(graphs["llm"].file), graphs["llm"], llm_options)
         self.vision.activate()
         self.llm.activate()
 
@@ -107,15 +121,24 @@ class Pipeline:
                               f"{llm.dtype} {list(want)}")
         return table
 
-    def conversation(self, image: str | PathLike | Image.Image, raw: bool = False,
+    def conversation(self, image: ImageInput, raw: bool = False,
                      config: GenerationConfig = GenerationConfig()) -> Conversation:
         return Conversation(self, image, raw, config)
 
-    def ask(self, image: str | PathLike | Image.Image, prompt: str, max_new_tokens: int | None = None,
+    def ask(self, image: ImageInput, prompt: str, max_new_tokens: int | None = None,
             raw: bool = False, *, config: GenerationConfig = GenerationConfig(),
             on_text: Callable[[str], None] | None = None) -> Result:
         """One question about one image; `max_new_tokens` overrides `config`'s."""
         return self.conversation(image, raw, config).ask(prompt, max_new_tokens, on_text=on_text)
+
+    def ask_batch(self, images: Sequence[ImageInput], prompts: Sequence[str], max_new_tokens: int | None = None,
+                  raw: bool = False, *, config: GenerationConfig = GenerationConfig(),
+                  on_text: Callable[[int, str], None] | None = None) -> list[Result]:
+        """Question b about image b, for every b at once; `on_text(b, piece)` streams row b."""
+        if len(images) != len(prompts) or not images:
+            raise EngineError(f"a batch needs one prompt per image, got {len(images)} images and "
+                              f"{len(prompts)} prompts")
+        return Batch(self, images, raw, config).ask(prompts, max_new_tokens, on_text)
 
     def close(self) -> None:
         self.vision.close()
@@ -128,95 +151,115 @@ class Pipeline:
         self.close()
 
 
-class Conversation:
-    """One image and the turns about it: the image tokens and the KV cache live here.
+class Batch:
+    """B conversations advanced together: their images' visual tokens, one KV cache, one sampler per row.
 
-    The first `ask` encodes the image and prefills the first-turn prompt; each later
-    one prefills only [the previous answer's last token, unless EOS] + the
-    next_turn text, after what the cache already holds.
+    The first `ask` encodes the images and prefills each row's first-turn prompt;
+    each later one prefills only [the previous answer's last token, unless EOS] +
+    the next_turn text, after what the cache already holds.
     """
 
-    def __init__(self, pipeline: Pipeline, image: str | PathLike | Image.Image, raw: bool,
-                 config: GenerationConfig):
+    def __init__(self, pipeline: Pipeline, images: Sequence[ImageInput], raw: bool, config: GenerationConfig):
         self.pipe, self.raw, self.config = pipeline, raw, config
-        engine = pipeline.engine
         t0 = time.perf_counter()
-        if not isinstance(image, Image.Image):
-            image = load_image(Path(image))
-        self.pixel_values = preprocess(image, engine.image)  # [1,3,H,W] float32
+        loaded = [image if isinstance(image, Image.Image) else load_image(Path(image)) for image in images]
+        # [B,3,H,W] float32
+        self.pixel_values = np.concatenate([preprocess(image, pipeline.engine.image) for image in loaded])
         self.preprocess_ms = (time.perf_counter() - t0) * 1e3
-        self.rng = np.random.default_rng(config.seed)
+        # One generator per row, each seeded alike: a row samples what it would alone.
+        self.rngs = [np.random.default_rng(config.seed) for _ in loaded]
         self.cache: KVCache | None = None
-        self.visual: VisualTokens | None = None
-        self.pending: int | None = None  # last answer token, sampled but not yet in the cache
+        self.visual: list[VisualTokens] = []
+        self.pending: list[int | None] = [None] * len(loaded)  # last answer token, not yet in the cache
         self.turns = 0
 
-    def ask(self, prompt: str, max_new_tokens: int | None = None,
-            on_text: Callable[[str], None] | None = None) -> Result:
-        """Answer `prompt`; `on_text` receives the answer's text piece by piece as it is decoded."""
-        config = self.config
-        if max_new_tokens is not None:
-            config = replace(config, max_new_tokens=max_new_tokens)
+    @property
+    def size(self) -> int:
+        return len(self.rngs)
+
+    def ask(self, prompts: Sequence[str], max_new_tokens: int | None = None,
+            on_text: Callable[[int, str], None] | None = None) -> list[Result]:
+        config = self.config if max_new_tokens is None else replace(self.config, max_new_tokens=max_new_tokens)
+        if len(prompts) != self.size:
+            raise EngineError(f"{self.size} conversations need {self.size} prompts, got {len(prompts)}")
         if self.turns == 0:
-            logits, figures = self._first_turn(prompt, config)
+            logits, figures = self._first_turn(prompts, config)
         else:
-            logits, figures = self._next_turn(prompt, config)
+            logits, figures = self._next_turn(prompts, config)
         return self._answer(logits, config, figures, on_text)
 
-    def _first_turn(self, prompt: str, config: GenerationConfig) -> tuple[np.ndarray, dict]:
+    def _first_turn(self, prompts: Sequence[str], config: GenerationConfig) -> tuple[np.ndarray, dict]:
         pipe, engine = self.pipe, self.pipe.engine
-        ids = first_turn_ids(pipe.tokenizer, engine.prompt, engine.tokens, prompt, self.raw)
+        ids = [first_turn_ids(pipe.tokenizer, engine.prompt, engine.tokens, p, self.raw) for p in prompts]
         t0 = time.perf_counter()
-        text = text_features(pipe.table, ids.text_ids) if engine.vision.text_aware else None
-        self.visual = encode_image(pipe.vision, self.pixel_values, text)
-        n_visual = len(self.visual.tokens)
-        check_length(0, ids.text_tokens, n_visual, config.max_new_tokens, engine.llm.max_position_embeddings)
+        text = text_features(pipe.table, [i.text_ids for i in ids]) if engine.vision.text_aware else None
+        self.visual = encode_images(pipe.vision, self.pixel_values, text)
+        for row, visual in zip(ids, self.visual):
+            check_length(0, row.text_tokens, len(visual.tokens), config.max_new_tokens,
+                         engine.llm.max_position_embeddings)
         dtype = engine.llm.np_dtype
-        # [before | visual | after] -> [1, T, D]
-        embeds = np.concatenate([embed(pipe.table, ids.before), self.visual.tokens.astype(dtype),
-                                 embed(pipe.table, ids.after)])[None]
-        self.cache = KVCache.for_llm(engine.llm, embeds.shape[1] + config.max_new_tokens)
+        # Each row [before | its visual tokens | after] -> embeds [B, T, D], left-padded
+        rows = [np.concatenate([embed(pipe.table, i.before), v.tokens.astype(dtype), embed(pipe.table, i.after)])
+                for i, v in zip(ids, self.visual)]
+        embeds, mask = pad_left(rows)
+        self.cache = KVCache(pipe.llm, engine.llm, self.size, embeds.shape[1] + config.max_new_tokens)
         t1 = time.perf_counter()
-        logits = prefill(pipe.llm, self.cache, embeds)
+        logits = prefill(pipe.llm, self.cache, embeds, mask)
         prefill_ms = (time.perf_counter() - t1) * 1e3
-        return logits, dict(t0=t0, prompt_tokens=embeds.shape[1], prompt_text_tokens=ids.text_tokens,
-                            preprocess_ms=self.preprocess_ms, vision_ms=self.visual.vision_ms,
-                            prefill_ms=prefill_ms)
+        return logits, dict(t0=t0, prompt_tokens=[len(r) for r in rows],
+                            prompt_text_tokens=[i.text_tokens for i in ids], preprocess_ms=self.preprocess_ms,
+                            vision_ms=self.visual[0].vision_ms, prefill_ms=prefill_ms)
 
-    def _next_turn(self, prompt: str, config: GenerationConfig) -> tuple[np.ndarray, dict]:
+    def _next_turn(self, prompts: Sequence[str], config: GenerationConfig) -> tuple[np.ndarray, dict]:
         pipe, engine, cache = self.pipe, self.pipe.engine, self.cache
         t0 = time.perf_counter()
-        ids = ([self.pending] if self.pending is not None else []) + \
-            next_turn_ids(pipe.tokenizer, engine.prompt, prompt)
-        check_length(cache.length, len(ids), 0, config.max_new_tokens, engine.llm.max_position_embeddings)
-        # The next user line is unknown when the first turn allocates: grow (once per turn at most).
-        cache.ensure_capacity(cache.length + len(ids) + config.max_new_tokens)
+        ids = [([pending] if pending is not None else []) + next_turn_ids(pipe.tokenizer, engine.prompt, p)
+               for pending, p in zip(self.pending, prompts)]
+        for row, row_ids in enumerate(ids):
+            check_length(int(cache.input_pos[row]), len(row_ids), 0, config.max_new_tokens,
+                         engine.llm.max_position_embeddings)
+        embeds, mask = pad_left([embed(pipe.table, row_ids) for row_ids in ids])
+        cache.reserve(cache.length + embeds.shape[1] + config.max_new_tokens)
         t1 = time.perf_counter()
-        logits = prefill(pipe.llm, cache, embed(pipe.table, ids)[None])
+        logits = prefill(pipe.llm, cache, embeds, mask)
         prefill_ms = (time.perf_counter() - t1) * 1e3
-        return logits, dict(t0=t0, prompt_tokens=len(ids), prompt_text_tokens=len(ids),
+        return logits, dict(t0=t0, prompt_tokens=[len(i) for i in ids], prompt_text_tokens=[len(i) for i in ids],
                             preprocess_ms=0.0, vision_ms=0.0, prefill_ms=prefill_ms)
 
     def _answer(self, logits: np.ndarray, config: GenerationConfig, figures: dict,
-                on_text: Callable[[str], None] | None) -> Result:
+                on_text: Callable[[int, str], None] | None) -> list[Result]:
         pipe, engine, cache = self.pipe, self.pipe.engine, self.cache
         eos = engine.tokens.eos_token_id
-        stream = TextStream(pipe.tokenizer)
-        tokens: list[int] = []
-        t_first = t_last = figures["t0"]
-        for token in generate(pipe.llm, cache, pipe.table, logits, config, eos, self.rng):
-            t_last = time.perf_counter()
-            if not tokens:
-                t_first = t_last
-            tokens.append(token)
-            if token != eos and on_text is not None and (piece := stream.push(token)):
-                on_text(piece)
-        if on_text is not None and (piece := stream.flush()):
-            on_text(piece)
-        self.pending = None if tokens[-1] == eos else tokens[-1]
+        streams = [TextStream(pipe.tokenizer) for _ in range(self.size)]
+        tokens: list[list[int]] = [[] for _ in range(self.size)]
+        t_first, t_last = figures["t0"], [figures["t0"]] * self.size
+        for step, sampled in enumerate(generate(pipe.llm, cache, pipe.table, logits, config, eos, self.rngs)):
+            now = time.perf_counter()
+            if step == 0:
+                t_first = now
+            for row, token in enumerate(sampled.tolist()):
+                if token < 0:
+                    continue
+                tokens[row].append(token)
+                t_last[row] = now
+                if token != eos and on_text is not None and (piece := streams[row].push(token)):
+                    on_text(row, piece)
+        if on_text is not None:
+            for row, stream in enumerate(streams):
+                if piece := stream.flush():
+                    on_text(row, piece)
+        self.pending = [None if t[-1] == eos else t[-1] for t in tokens]
         self.turns += 1
+        rss = peak_rss_bytes()
+        return [self._result(row, tokens[row], figures, t_first, t_last[row], rss) for row in range(self.size)]
+
+    def _result(self, row: int, tokens: list[int], figures: dict, t_first: float, t_last: float,
+                rss: int) -> Result:
+        pipe, engine, cache = self.pipe, self.pipe.engine, self.cache
+        eos = engine.tokens.eos_token_id
         decode_s = t_last - t_first
-        kept, total = len(self.visual.tokens), engine.vision.num_patches
+        kept, total = len(self.visual[row].tokens), engine.vision.num_patches
+        kv_bytes = cache.row_bytes(row)
         return Result(
             text=pipe.tokenizer.decode([t for t in tokens if t != eos], skip_special_tokens=True),
             token_ids=tuple(tokens),
@@ -224,17 +267,47 @@ class Conversation:
             turn=self.turns - 1,
             visual_tokens_kept=kept,
             visual_tokens_total=total,
-            prompt_tokens=figures["prompt_tokens"],
-            prompt_text_tokens=figures["prompt_text_tokens"],
+            prompt_tokens=figures["prompt_tokens"][row],
+            prompt_text_tokens=figures["prompt_text_tokens"][row],
             preprocess_ms=figures["preprocess_ms"],
             vision_ms=figures["vision_ms"],
             prefill_ms=figures["prefill_ms"],
             ttft_ms=(t_first - figures["t0"]) * 1e3,
             decode_ms=decode_s * 1e3,
             decode_tokens_per_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else None,
-            kv_bytes=cache.nbytes_used,
+            kv_bytes=kv_bytes,
             kv_bytes_allocated=cache.nbytes_allocated,
-            kv_bytes_uncompressed=cache.nbytes_used + (total - kept) * cache.per_token_bytes,
-            peak_rss_bytes=peak_rss_bytes(),
-            kept_index=tuple(int(i) for i in self.visual.kept_index),
+            kv_bytes_uncompressed=kv_bytes + (total - kept) * cache.per_token_bytes,
+            peak_rss_bytes=rss,
+            batch=self.size,
+            kept_index=tuple(int(i) for i in self.visual[row].kept_index),
         )
+
+
+class Conversation:
+    """One image and the turns about it: a batch of one, with the image tokens and the KV cache kept."""
+
+    def __init__(self, pipeline: Pipeline, image: ImageInput, raw: bool, config: GenerationConfig):
+        self._batch = Batch(pipeline, [image], raw, config)
+
+    def ask(self, prompt: str, max_new_tokens: int | None = None,
+            on_text: Callable[[str], None] | None = None) -> Result:
+        """Answer `prompt`; `on_text` receives the answer's text piece by piece as it is decoded."""
+        stream = None if on_text is None else (lambda _row, piece: on_text(piece))
+        return self._batch.ask([prompt], max_new_tokens, stream)[0]
+
+    @property
+    def pixel_values(self) -> np.ndarray:
+        return self._batch.pixel_values  # [1,3,H,W]
+
+    @property
+    def visual(self) -> VisualTokens | None:
+        return self._batch.visual[0] if self._batch.visual else None
+
+    @property
+    def cache(self) -> KVCache | None:
+        return self._batch.cache
+
+    @property
+    def turns(self) -> int:
+        return self._batch.turns

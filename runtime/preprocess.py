@@ -15,63 +15,19 @@ padding), so the export side must read the processor with backend="pil".
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from os import PathLike
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import PreprocessError
+from .manifest import ImageConfig
+
 # Largest image (in pixels) decoded or produced by a resize: 8192^2 RGB is 200 MB,
 # already a lot on a Jetson; anything bigger is treated as hostile.
 MAX_PIXELS = 8192 * 8192
-
-_RESAMPLE_CODES = frozenset(int(r) for r in Image.Resampling)
-
-
-class PreprocessError(ValueError):
-    """A user error about an image or its config; the CLI prints it as one line."""
-
-    def __init__(self, message: str):
-        # Pillow's messages are pasted in; collapse any newlines they might carry.
-        super().__init__(" ".join(message.split()))
-
-
-@dataclass(frozen=True)
-class ImageConfig:
-    """Everything preprocessing needs; read from manifest.json, never guessed."""
-
-    crop_height: int
-    crop_width: int
-    shortest_edge: int
-    resample: int  # a PIL.Image.Resampling code (3 = bicubic for CLIP)
-    rescale_factor: float
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    do_center_crop: bool
-    pad_to_square: bool  # original LLaVA-1.5 `image_aspect_ratio: pad`
-
-    def __post_init__(self):
-        sizes = (self.crop_height, self.crop_width, self.shortest_edge)
-        if not all(isinstance(s, int) and s > 0 for s in sizes):
-            raise PreprocessError(f"image sizes must be positive integers, got {sizes}")
-        if self.resample not in _RESAMPLE_CODES:
-            codes = sorted(_RESAMPLE_CODES)
-            raise PreprocessError(f"resample {self.resample!r} is not a PIL resampling code {codes}")
-        if len(self.mean) != 3 or len(self.std) != 3 or not all(s > 0 for s in self.std):
-            raise PreprocessError(f"mean and std need 3 values, std > 0; got {self.mean}, {self.std}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ImageConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        if unknown := sorted(set(d) - names):
-            raise PreprocessError(f"unknown image config keys {unknown}; expected {sorted(names)}")
-        if missing := sorted(names - set(d)):
-            raise PreprocessError(f"missing image config keys {missing}")
-        # JSON gives lists; tuples keep the frozen config hashable.
-        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
 
 @contextlib.contextmanager

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
-from .engine import Engine, PromptTemplate, TokenIds
+from .engine import EngineFolder
 from .errors import EngineError
+from .manifest import TOKENIZER, PromptTemplate, TokenIds
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,8 @@ class PromptIds:
         return len(self.before) + len(self.after)
 
 
-def load_tokenizer(engine: Engine) -> Tokenizer:
-    path = engine.path("tokenizer.json")
+def load_tokenizer(engine: EngineFolder) -> Tokenizer:
+    path = engine.path(TOKENIZER)
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception for bad files

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .errors import EngineError
-from .preprocess import ImageConfig
+from .manifest import ImageConfig
 
 DIM = 0.3  # brightness left to the patches that were dropped or merged
 OUTLINE = (255, 200, 0)

@@ -16,7 +16,8 @@ from tokenizers import Tokenizer
 
 from sparsezip_deploy.export.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PIL_BICUBIC
 from sparsezip_deploy.export.tokenizer import BOS, EOS, IMAGE_TOKEN, PAD_TOKEN
-from sparsezip_deploy.runtime.preprocess import ImageConfig, preprocess
+from sparsezip_deploy.runtime.manifest import ImageConfig
+from sparsezip_deploy.runtime.preprocess import preprocess
 from sparsezip_deploy.scenes.questions import SIDES, TYPES, Question, side
 from sparsezip_deploy.scenes.scene import COLOURS, KINDS, SIZES, Scene, SceneConfig, render
 

@@ -1,9 +1,16 @@
-"""ONNX Runtime backend: one InferenceSession per graph.
+"""ONNX Runtime backend: one InferenceSession per graph, IOBinding for tensors on the device.
 
 `--provider` names map to ORT execution providers; tensorrt and cuda keep the
 next ones as fallbacks for nodes they cannot place, as ORT recommends. A
 provider this onnxruntime build lacks is refused up front (ORT itself would only
 warn and silently run on the CPU, which makes every timing a lie).
+
+Device buffers are ORT allocations (`OrtValue.ortvalue_from_shape_and_type`) on
+the provider's device: "cpu" for the CPU EP, "cuda" for the CUDA and TensorRT
+EPs. Views into them are bound by pointer and shape (`bind_input` /
+`bind_output` with `buffer_ptr`), so a graph reads its past from, and writes its
+present into, memory that never leaves the device. The code path is the same
+for both devices; only the allocation's device name differs.
 """
 from __future__ import annotations
 
@@ -14,19 +21,24 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from ..engine import GraphSpec
 from ..errors import EngineError
-from .base import Backend
+from ..manifest import DTYPES, GraphSpec, TensorSpec
+from .base import Backend, DeviceBuffer, TensorView
 
 PROVIDERS: Mapping[str, tuple[str, ...]] = {
     "cpu": ("CPUExecutionProvider",),
     "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
     "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
 }
+DEVICES: Mapping[str, str] = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda"}
+# OrtValue.data_type() names of the dtypes the graphs use.
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+               "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,7 @@ class OrtOptions:
     # would leave its threads spinning on the cores the next one needs: measured on 2 cores,
     # +35-55 ms on every prefill that followed the vision graph.
     spin: bool = True
+    profile_prefix: str | None = None  # ORT's per-node profile, written on close (benchmarks)
 
     def __post_init__(self):
         if self.provider not in PROVIDERS:
@@ -77,14 +90,32 @@ def release_free_heap() -> None:
 
 
 class OrtBackend(Backend):
-    def __init__(self, path: Path, spec: GraphSpec, options: OrtOptions = OrtOptions()):
+    """`spec` None: read from the graph itself. `model`: the graph's bytes, when it is not a file at `path`."""
+
+    def __init__(self, path: Path, spec: GraphSpec | None, options: OrtOptions = OrtOptions(),
+                 model: bytes | None = None):
         super().__init__(path, spec)
-        self.options = options
+        self.options, self.model = options, model
         self.providers = resolve_providers(options.provider)
+        self.device = DEVICES[options.provider]
         self.session: ort.InferenceSession | None = None
         self._output_names: list[str] = []
 
     def _load(self) -> None:
+        self.session = self._open()
+        if self.spec is None:
+            self.spec = GraphSpec(self.path.name, *({t.name: _spec(t) for t in side} for side in
+                                                    (self.session.get_inputs(), self.session.get_outputs())))
+        names = [i.name for i in self.session.get_inputs()]
+        if sorted(names) != sorted(self.spec.inputs):
+            raise EngineError(f"{self.path.name}: graph inputs {names} differ from the manifest's "
+                              f"{list(self.spec.inputs)}")
+        self._output_names = [o.name for o in self.session.get_outputs()]
+        if missing := sorted(set(self.spec.outputs) - set(self._output_names)):
+            raise EngineError(f"{self.path.name}: graph lacks the outputs {missing} the manifest declares")
+        release_free_heap()
+
+    def _open(self) -> ort.InferenceSession:
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.options.threads or os.cpu_count() or 1
         # The graphs are one chain of ops: a second pool only competes for the same cores.
@@ -92,23 +123,85 @@ class OrtBackend(Backend):
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.options.spin else "0")
         so.log_severity_level = 3  # errors only: ORT's warnings are not the user's business
+        if self.options.profile_prefix is not None:
+            so.enable_profiling = True
+            so.profile_file_prefix = self.options.profile_prefix
         try:
-            session = ort.InferenceSession(str(self.path), sess_options=so, providers=self.providers)
+            return ort.InferenceSession(self.model if self.model is not None else str(self.path),
+                                        sess_options=so, providers=self.providers)
         except Exception as e:  # ORT raises its own pybind types (Fail, InvalidProtobuf, ...)
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise EngineError(f"cannot load {self.path}: {first_line}") from None
-        names = [i.name for i in session.get_inputs()]
-        if sorted(names) != sorted(self.spec.inputs):
-            raise EngineError(f"{self.path.name}: graph inputs {names} differ from the manifest's "
-                              f"{list(self.spec.inputs)}")
-        self._output_names = [o.name for o in session.get_outputs()]
-        if missing := sorted(set(self.spec.outputs) - set(self._output_names)):
-            raise EngineError(f"{self.path.name}: graph lacks the outputs {missing} the manifest declares")
-        self.session = session
-        release_free_heap()
 
-    def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self._output_names, self.session.run(self._output_names, dict(feeds))))
+    def end_profiling(self) -> str:
+        """The profile's path (only with `profile_prefix`)."""
+        return self.session.end_profiling()
+
+    def allocate(self, nbytes: int) -> DeviceBuffer:
+        value = ort.OrtValue.ortvalue_from_shape_and_type([max(int(nbytes), 1)], np.uint8, self.device,
+                                                          self.device_id)
+        return DeviceBuffer(value.data_ptr(), int(nbytes), self.device, self.device_id, value)
+
+    def copy(self, src: DeviceBuffer, dst: DeviceBuffer, nbytes: int) -> None:
+        if nbytes > min(src.nbytes, dst.nbytes):
+            raise ValueError(f"copy of {nbytes} bytes between buffers of {src.nbytes} and {dst.nbytes}")
+        if src.device == dst.device == "cpu":
+            ctypes.memmove(dst.ptr, src.ptr, nbytes)
+            return
+        # ORT's Python API has no device-to-device copy: through host memory, once per cache growth.
+        host = np.zeros(dst.owner.shape()[0], np.uint8)
+        host[:nbytes] = src.owner.numpy()[:nbytes]
+        dst.owner.update_inplace(host)
+
+    def to_host(self, view: TensorView) -> np.ndarray:
+        if view.buffer.device != "cpu":
+            raise EngineError("to_host reads CPU buffers only")
+        raw = (ctypes.c_byte * view.nbytes).from_address(view.ptr)
+        return np.frombuffer(raw, view.dtype).reshape(view.shape).copy()
+
+    def _describe(self, value: Any) -> tuple[np.dtype, tuple[int, ...]] | None:
+        if isinstance(value, ort.OrtValue):
+            return np.dtype(_ORT_DTYPES.get(value.data_type(), np.void)), tuple(value.shape())
+        return super()._describe(value)
+
+    def _infer(self, feeds: Mapping[str, Any], outputs: Mapping[str, TensorView]) -> dict[str, np.ndarray]:
+        if not outputs and all(isinstance(v, np.ndarray) for v in feeds.values()):
+            return dict(zip(self._output_names, self.session.run(self._output_names, dict(feeds))))
+        binding = self.session.io_binding()
+        host_feeds = []  # bound by address: they must outlive the run
+        for name, value in feeds.items():
+            if isinstance(value, np.ndarray):
+                host_feeds.append(np.ascontiguousarray(value))
+                binding.bind_cpu_input(name, host_feeds[-1])
+            elif isinstance(value, TensorView):
+                binding.bind_input(name, value.buffer.device, value.buffer.device_id, value.dtype,
+                                   list(value.shape), value.ptr)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        host = [name for name in self._output_names if name not in outputs]
+        for name in self._output_names:
+            view = outputs.get(name)
+            if view is None:
+                binding.bind_output(name, "cpu")
+            else:
+                binding.bind_output(name, view.buffer.device, view.buffer.device_id, view.dtype,
+                                    list(view.shape), view.ptr)
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()  # in binding order: the graph's output order
+        return {name: value.numpy() for name, value in zip(self._output_names, values) if name in host}
 
     def _unload(self) -> None:
         self.session = None
+
+
+def open_graph(source: Path | bytes, options: OrtOptions = OrtOptions()) -> OrtBackend:
+    """An active backend for a graph outside any engine folder (calib's checks), its I/O read from the graph."""
+    if isinstance(source, bytes):
+        return OrtBackend(Path("graph.onnx"), None, options, model=source).activate()
+    return OrtBackend(Path(source), None, options).activate()
+
+
+def _spec(arg) -> TensorSpec:
+    # An axis ORT knows no name for gets one of its own: it is checked for nothing but rank.
+    shape = tuple(d if isinstance(d, int) else d or f"unnamed_{arg.name}_{i}" for i, d in enumerate(arg.shape))
+    return TensorSpec(next(k for k, v in DTYPES.items() if np.dtype(v) == _ORT_DTYPES[arg.type]), shape)

@@ -44,6 +44,9 @@ def test_latency_reports_every_figure_and_plot(latency):
         assert row["kv_exact"]
         for key in ("prefill_speedup", "fraction_of_ideal", "ttft_speedup", "kv_saved_bytes", "kv_saved_pct"):
             assert key in row, key
+        step = row["decode_step"]
+        assert step["bandwidth_gb_s"]["median"] > 0 and step["weight_bytes"] > 0
+        assert step["over_ideal"]["median"] == pytest.approx(step["ms"]["median"] / step["ideal_ms"]["median"])
     assert report["methods"]["sparsezip-64-text"]["visual_tokens_kept"] == 64
     for plot in ("ttft", "kv", "prefill-speedup"):
         assert (work / "results" / f"latency-{plot}.png").stat().st_size > 0
@@ -100,4 +103,17 @@ def test_accuracy_scores_every_method_and_the_pytorch_model(tmp_path):
     assert all("error" not in r and 0 <= r["all"] <= 1 for r in report["results"])
     # The deployed uncompressed engine answers exactly as transformers' generate does.
     assert report["pytorch"]["same_answers_as_deployed_none"] == 1.0
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_batch_answers_together_what_it_answers_alone(latency, tmp_path):
+    work, _ = latency
+    out = tmp_path / "batch.json"
+    run("batch.py", "--engine", str(work / "engines" / "tiny-sparsezip-64-text"), "--batch", "3", "--reps", "1",
+        "--new-tokens", "4", "--out", str(out))
+    report = json.loads(out.read_text())
+    summary = report["summary"]
+    assert summary["equal_answers"] is True and summary["torch_imported"] is False
+    assert summary["batch_tokens_per_s"] > 0 and summary["sequential_tokens_per_s"] > 0
+    assert len(summary["prompt_tokens"]) == 3 and report["conditions"]["bandwidth"]["median_gb_s"] > 0
     assert out.with_suffix(".png").stat().st_size > 0

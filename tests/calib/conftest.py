@@ -1,7 +1,7 @@
 """calib fixtures: one float sparsezip engine from the tiny model, its int8 copies, calibration images."""
 from __future__ import annotations
 
-import json
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -9,7 +9,7 @@ import pytest
 
 from sparsezip_deploy.calib.reader import calibration_images, folder_digest
 from sparsezip_deploy.calib.vision_int8 import MODELOPT_HINT, quantize_vision
-from sparsezip_deploy.runtime.preprocess import ImageConfig
+from sparsezip_deploy.runtime.manifest import artifact_entries, read_manifest, write_manifest
 
 from ..runtime.conftest import _build, shapes_png  # noqa: F401 (a fixture, shared)
 
@@ -29,16 +29,13 @@ def calib_images():
 
 def int8_engine(fp32: Path, out: Path, target: str, images) -> Path:
     """What build.py does with --vision-int8: vision.onnx replaced in place, the manifest told."""
-    from sparsezip_deploy.export.manifest import artifact_entries, write_manifest
-
     shutil.copytree(fp32, out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    record = quantize_vision(out / "vision.onnx", out / "vision.onnx", target, images,
-                             ImageConfig.from_dict(manifest["image"]), folder_digest(None, len(images)))
-    manifest["precision"]["vision"] = record["precision"]
-    manifest["calibration"] = {"vision_int8": record}
-    manifest["artifacts"] = artifact_entries(out, list(manifest["artifacts"]))
-    write_manifest(out, manifest)
+    manifest = read_manifest(out)
+    record = quantize_vision(out / "vision.onnx", out / "vision.onnx", target, images, manifest.image,
+                             folder_digest(None, len(images)))
+    write_manifest(out, dataclasses.replace(
+        manifest, precision={**manifest.precision, "vision": record["precision"]},
+        calibration={"vision_int8": record}, artifacts=artifact_entries(out, list(manifest.artifacts))))
     return out
 
 

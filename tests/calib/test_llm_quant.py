@@ -11,6 +11,7 @@ guarantee them.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -24,9 +25,9 @@ import torch
 from sparsezip_deploy.calib import llm_quant
 from sparsezip_deploy.calib.errors import CalibError
 from sparsezip_deploy.calib.llm_quant import lm_head_node, quantize_llm
-from sparsezip_deploy.export.manifest import artifact_entries, write_manifest
-from sparsezip_deploy.runtime.generate import decode_one_token, embed, encode_image, prefill, text_features
+from sparsezip_deploy.runtime.generate import decode_one_token, embed, encode_images, prefill, text_features
 from sparsezip_deploy.runtime.kv_cache import KVCache
+from sparsezip_deploy.runtime.manifest import artifact_entries, read_manifest, write_manifest
 from sparsezip_deploy.runtime.pipeline import Pipeline
 from sparsezip_deploy.runtime.preprocess import load_image, preprocess
 from sparsezip_deploy.runtime.prompt import first_turn_ids
@@ -41,14 +42,13 @@ NEW_TOKENS = 12
 def quantised_engine(engine: Path, out: Path, bits: int, **options) -> tuple[Path, dict]:
     """A copy of `engine` with llm.onnx quantised in place, its manifest rewritten as a build would."""
     shutil.copytree(engine, out)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = read_manifest(out)
     info = quantize_llm(out / "llm.onnx", out / "llm.onnx", bits, embeddings=np.load(out / "embed_tokens.npy"),
                         **options)
-    files = [name for name in manifest["artifacts"] if not name.startswith("llm.onnx")] + info.pop("files")
-    manifest["precision"]["llm"] = info["precision"]
-    manifest["quantization"] = {"llm": info}
-    manifest["artifacts"] = artifact_entries(out, files)
-    write_manifest(out, manifest)
+    files = [name for name in manifest.artifacts if not name.startswith("llm.onnx")] + info.pop("files")
+    write_manifest(out, dataclasses.replace(
+        manifest, precision={**manifest.precision, "llm": info["precision"]}, calibration={"llm_quant": info},
+        artifacts=artifact_entries(out, files)))
     return out, info
 
 
@@ -97,7 +97,7 @@ def decoder_feeds(engine: Path, seq: int, past: int, seed: int = 0) -> dict[str,
     for i in range(llm["num_layers"]):
         for kv in ("key", "value"):
             feeds[f"past_key_values.{i}.{kv}"] = rng.standard_normal(
-                (2, llm["num_kv_heads"], past, llm["head_dim"])).astype(np.float32) * 0.5
+                (past, 2, llm["num_kv_heads"], llm["head_dim"])).astype(np.float32) * 0.5
     return feeds
 
 
@@ -121,12 +121,12 @@ def test_quantised_engine_answers_within_floor_of_hf(tiny, engine_fp32, quantise
         got = pipe.ask(shapes_png, QUESTION, NEW_TOKENS)
         spec = pipe.engine
         ids = first_turn_ids(pipe.tokenizer, spec.prompt, spec.tokens, QUESTION, False)
-        visual = encode_image(pipe.vision, preprocess(load_image(shapes_png), spec.image),
-                              text_features(pipe.table, ids.text_ids))
+        visual = encode_images(pipe.vision, preprocess(load_image(shapes_png), spec.image),
+                               text_features(pipe.table, [ids.text_ids]))[0]
         embeds = np.concatenate([embed(pipe.table, ids.before), visual.tokens, embed(pipe.table, ids.after)])
-        cache = KVCache.for_llm(spec.llm, len(embeds) + NEW_TOKENS)
-        logits = [prefill(pipe.llm, cache, embeds[None])]
-        logits += [decode_one_token(pipe.llm, cache, pipe.table, t) for t in got.token_ids[:-1]]
+        cache = KVCache(pipe.llm, spec.llm, 1, len(embeds) + NEW_TOKENS)
+        logits = [prefill(pipe.llm, cache, embeds[None])[0]]
+        logits += [decode_one_token(pipe.llm, cache, pipe.table, np.array([t]))[0] for t in got.token_ids[:-1]]
         full = np.concatenate([embeds, embed(pipe.table, got.token_ids[:-1])])
     assert got.kept_index == reference.kept_index, "the vision graph is untouched"
     assert got.kv_bytes == (len(embeds) + len(got.token_ids) - 1) * spec.llm.kv_bytes_per_token

@@ -8,7 +8,8 @@ from PIL import Image
 from sparsezip_deploy.calib.errors import CalibError
 from sparsezip_deploy.calib.reader import (VisionCalibrationReader, calibration_images, empty_text,
                                            folder_digest, prompt_text)
-from sparsezip_deploy.runtime.preprocess import ImageConfig, preprocess
+from sparsezip_deploy.runtime.manifest import ImageConfig
+from sparsezip_deploy.runtime.preprocess import preprocess
 from sparsezip_deploy.runtime.engine import load_engine
 from sparsezip_deploy.runtime.prompt import load_tokenizer
 

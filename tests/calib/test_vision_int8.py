@@ -21,10 +21,11 @@ import torch
 from sparsezip_deploy.calib.errors import CalibError
 from sparsezip_deploy.calib.reader import VisionCalibrationReader, calibration_images, prompt_text
 from sparsezip_deploy.calib.vision_int8 import FLOORS, Floors, compare_outputs, quantize_vision
-from sparsezip_deploy.runtime.generate import embed, encode_image, prefill, text_features
+from sparsezip_deploy.runtime.generate import embed, encode_images, prefill, text_features
 from sparsezip_deploy.runtime.kv_cache import KVCache
 from sparsezip_deploy.runtime.pipeline import Pipeline
-from sparsezip_deploy.runtime.preprocess import ImageConfig, load_image, preprocess
+from sparsezip_deploy.runtime.manifest import ImageConfig
+from sparsezip_deploy.runtime.preprocess import load_image, preprocess
 from sparsezip_deploy.runtime.prompt import first_turn_ids
 
 from .conftest import CALIB_COUNT
@@ -106,11 +107,11 @@ def test_int8_engine_answers_like_the_oracle(tiny, engine_fp32, engine_int8_cpu,
         with Pipeline(engine_dir) as pipe:
             engine = pipe.engine
             ids = first_turn_ids(pipe.tokenizer, engine.prompt, engine.tokens, QUESTION, False)
-            visual = encode_image(pipe.vision, preprocess(load_image(shapes_png), engine.image),
-                                  text_features(pipe.table, ids.text_ids))
+            visual = encode_images(pipe.vision, preprocess(load_image(shapes_png), engine.image),
+                                   text_features(pipe.table, [ids.text_ids]))[0]
             embeds = np.concatenate([embed(pipe.table, ids.before), visual.tokens, embed(pipe.table, ids.after)])
-            cache = KVCache.for_llm(engine.llm, len(embeds) + 1)
-            logits[name] = prefill(pipe.llm, cache, embeds[None])
+            cache = KVCache(pipe.llm, engine.llm, 1, len(embeds) + 1)
+            logits[name] = prefill(pipe.llm, cache, embeds[None])[0]
             got = pipe.ask(shapes_png, QUESTION, NEW_TOKENS)
     with torch.no_grad():
         out = tiny.model.generate(inputs_embeds=torch.from_numpy(embeds)[None],

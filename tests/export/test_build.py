@@ -9,8 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from sparsezip_deploy.export import build
-from sparsezip_deploy.export.manifest import FORMAT_VERSION, sha256_file
-from sparsezip_deploy.runtime.preprocess import ImageConfig
+from sparsezip_deploy.runtime.manifest import FORMAT_VERSION, ImageConfig, sha256_file
 from sparsezip_deploy.sparsezip.config import config_from_dict
 
 REPO = Path(__file__).resolve().parents[2]

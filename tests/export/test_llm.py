@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparsezip_deploy.export import llm
-from sparsezip_deploy.export.llm import DecoderGraph, cache_names, check_llm, example_inputs, export_llm
+from sparsezip_deploy.export.llm import DecoderGraph, check_llm, example_inputs, export_llm
 
 
 def hf_last_logits(tiny, feeds):
@@ -30,8 +30,10 @@ def test_decoder_equals_transformers_prefill_then_decode(tiny):
             "position_ids": full["position_ids"][:, :8], "past": full["past"]}
     with torch.no_grad():
         out = graph(**head)
+        assert out[1].shape == (8, 2, graph.num_kv_heads, graph.head_dim)  # the new positions only, seq-major
+        past = [torch.cat([p, new]) for p, new in zip(full["past"], out[1:])]
         step = {"inputs_embeds": full["inputs_embeds"][:, 8:], "attention_mask": full["attention_mask"],
-                "position_ids": full["position_ids"][:, 8:], "past": list(out[1:])}
+                "position_ids": full["position_ids"][:, 8:], "past": past}
         np.testing.assert_allclose(graph(**step)[0].numpy(), logits, atol=1e-5, rtol=1e-5)
 
 
@@ -49,10 +51,12 @@ def test_ort_graph_io_is_the_declared_contract(exported):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == list(io.inputs)
     assert [o.name for o in session.get_outputs()] == list(io.outputs)
-    assert list(io.inputs)[3:5] == list(cache_names(graph.num_layers)[0])
+    assert list(io.inputs)[3:5] == list(graph.cache.past_names(0))
     shapes = {i.name: i.shape for i in session.get_inputs()}
-    assert shapes["past_key_values.1.value"] == ["batch", graph.num_kv_heads, "past", graph.head_dim]
+    assert shapes["past_key_values.1.value"] == ["past", "batch", graph.num_kv_heads, graph.head_dim]
     assert shapes["attention_mask"] == ["batch", "total"]
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    assert outputs["new_key_values.1.key"] == ["seq", "batch", graph.num_kv_heads, graph.head_dim]
 
 
 def test_ort_prefill_from_empty_cache_and_decode(exported):
@@ -79,7 +83,7 @@ def test_float16_graph_runs_in_ort(tiny, tmp_path):
     check_llm(graph, tmp_path / "llm.onnx")
     session = ort.InferenceSession(str(tmp_path / "llm.onnx"), providers=["CPUExecutionProvider"])
     assert {i.type for i in session.get_inputs() if i.name.startswith("past")} == {"tensor(float16)"}
-    assert {o.type for o in session.get_outputs() if o.name.startswith("present")} == {"tensor(float16)"}
+    assert {o.type for o in session.get_outputs() if o.name.startswith("new_key")} == {"tensor(float16)"}
 
 
 def test_large_models_get_external_data(tiny, tmp_path, monkeypatch):
@@ -93,3 +97,24 @@ def test_large_models_get_external_data(tiny, tmp_path, monkeypatch):
 def test_unknown_dtype_is_an_error(tiny):
     with pytest.raises(llm.ExportError, match="--llm-dtype"):
         DecoderGraph(tiny.model, "int3")
+
+
+def test_grouped_query_attention_reads_each_kv_head_for_its_query_heads(tmp_path):
+    """GQA (TinyLlama-style 4:1): the graph must match transformers without repeating the cache."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(config).eval()
+    llava = type("Llava", (), {})()
+    llava.model = type("Model", (), {"language_model": lm.model})()
+    llava.lm_head = lm.lm_head
+    graph = DecoderGraph(llava).eval()
+    feeds = example_inputs(graph, batch=2, seq=7, past=0, seed=2)
+    with torch.no_grad():
+        want = lm(inputs_embeds=feeds["inputs_embeds"], attention_mask=feeds["attention_mask"],
+                  position_ids=feeds["position_ids"]).logits[:, -1:].numpy()
+        np.testing.assert_allclose(graph(**feeds)[0].numpy(), want, atol=1e-5, rtol=1e-5)
+    export_llm(graph, tmp_path / "llm.onnx")
+    assert len(check_llm(graph, tmp_path / "llm.onnx")) == 2

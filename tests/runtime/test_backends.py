@@ -1,4 +1,4 @@
-"""runtime/backends: the feed checks of the base class and the ORT backend's providers."""
+"""runtime/backends: the registry, the feed checks of the base class, the ORT backend's providers and device tensors."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,10 +6,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from sparsezip_deploy.runtime.backends.base import check_feeds
-from sparsezip_deploy.runtime.backends.ort import OrtBackend, OrtOptions, resolve_providers
-from sparsezip_deploy.runtime.engine import GraphSpec, TensorSpec
+import onnxruntime as ort
+
+from sparsezip_deploy.runtime.backends import backend_options, open_backend
+from sparsezip_deploy.runtime.backends.base import check_feeds, compile_checks
+from sparsezip_deploy.runtime.backends.ort import OrtBackend, OrtOptions, open_graph, resolve_providers
 from sparsezip_deploy.runtime.errors import EngineError
+from sparsezip_deploy.runtime.manifest import GraphSpec, TensorSpec
 
 SPEC = GraphSpec(
     file="add.onnx",
@@ -36,8 +39,11 @@ def feeds(batch_x=2, batch_y=2, dtype=np.float32):
     return {"x": np.ones((batch_x, 3), dtype), "y": np.ones((batch_y, 3), dtype)}
 
 
+CHECKS = compile_checks(SPEC)
+
+
 def test_feeds_that_match_pass():
-    check_feeds("g", SPEC.inputs, feeds())
+    assert check_feeds("g", CHECKS, feeds()) == {"batch": 2}
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -46,17 +52,17 @@ def test_feeds_that_match_pass():
     (dict(x=np.ones((2, 4), np.float32)), "input x axis 1 is 4, declared 3"),
     (dict(y=np.ones((5, 3), np.float32)), "axis 'batch' is 5 in y but 2 in x"),
     (dict(w=np.ones((2, 3), np.float32)), "unexpected ['w']"),
-    (dict(x=[[1.0, 2.0, 3.0]]), "not a numpy array"),
+    (dict(x=[[1.0, 2.0, 3.0]]), "input x is a list, not a tensor this backend takes"),
 ])
 def test_feed_errors(bad, message):
     with pytest.raises(EngineError) as info:
-        check_feeds("g", SPEC.inputs, {**feeds(), **bad})
+        check_feeds("g", CHECKS, {**feeds(), **bad})
     assert message in str(info.value)
 
 
 def test_missing_feed():
     with pytest.raises(EngineError, match=r"missing \['y'\]"):
-        check_feeds("g", SPEC.inputs, {"x": np.ones((2, 3), np.float32)})
+        check_feeds("g", CHECKS, {"x": np.ones((2, 3), np.float32)})
 
 
 def test_unavailable_provider_names_the_available_ones():
@@ -103,3 +109,43 @@ def test_ort_backend_unloadable_file_is_one_line(tmp_path):
     with pytest.raises(EngineError) as info:
         OrtBackend(path, SPEC).activate()
     assert str(info.value).startswith(f"cannot load {path}") and "\n" not in str(info.value)
+
+
+def test_backends_are_opened_by_name(add_onnx):
+    with open_backend("ort", add_onnx, SPEC, backend_options("ort", threads=1)) as backend:
+        assert isinstance(backend, OrtBackend) and backend.device == "cpu"
+    with pytest.raises(EngineError, match="unknown backend 'tensorrt': native TensorRT plans"):
+        open_backend("tensorrt", add_onnx, SPEC)
+    with pytest.raises(EngineError, match="unknown backend 'tvm': choose one of ort"):
+        backend_options("tvm")
+
+
+def test_device_tensors_in_and_pre_bound_outputs_written_in_place(add_onnx):
+    with OrtBackend(add_onnx, SPEC, OrtOptions(threads=1)) as backend:
+        memory = backend.allocate(3 * 3 * 4 * 4)  # room for a few [batch, 3] float32 tensors
+        x = memory.view((2, 3), np.float32)
+        z = memory.view((2, 3), np.float32, offset=2 * 3 * 4)
+        host_x = np.arange(6, dtype=np.float32).reshape(2, 3)
+        raw = (np.ctypeslib.ctypes.c_byte * x.nbytes).from_address(x.ptr)
+        np.frombuffer(raw, np.float32)[:] = host_x.ravel()
+        y = ort.OrtValue.ortvalue_from_numpy(np.ones((2, 3), np.float32))
+        out = backend.run({"x": x, "y": y}, outputs={"z": z})
+        assert out == {}  # z was written on the device, nothing came back
+        np.testing.assert_array_equal(backend.to_host(z), host_x + 1)
+        with pytest.raises(EngineError, match=r"output z bound as \[3, 3\], the feeds make it \[2, 3\]"):
+            backend.run({"x": x, "y": y}, outputs={"z": memory.view((3, 3), np.float32)})
+        with pytest.raises(ValueError, match="does not fit"):
+            memory.view((4, 3), np.float32, offset=memory.nbytes - 24)
+        grown = backend.allocate(memory.nbytes * 2)
+        backend.copy(memory, grown, memory.nbytes)
+        np.testing.assert_array_equal(backend.to_host(grown.view((2, 3), np.float32)), host_x)
+
+
+def test_a_graph_outside_an_engine_folder_declares_its_own_io(add_onnx):
+    with open_graph(add_onnx, OrtOptions(threads=1)) as graph:
+        assert graph.spec.inputs["x"] == TensorSpec("float32", ("batch", 3))
+        np.testing.assert_array_equal(graph.run(feeds(batch_x=3, batch_y=3))["z"], np.full((3, 3), 2, np.float32))
+        with pytest.raises(EngineError, match="axis 'batch' is 2 in y but 3 in x"):
+            graph.run(feeds(batch_x=3, batch_y=2))
+    with open_graph(add_onnx.read_bytes()) as graph:  # from bytes: calib's in-memory probes
+        assert list(graph.spec.outputs) == ["z"]

@@ -121,7 +121,7 @@ def broken(engine_none, tmp_path_factory) -> dict[str, Path]:
     (checksum / "tokenizer.json").write_bytes(bytes(data))
     version = shutil.copytree(engine_none, root / "version")
     manifest = json.loads((version / "manifest.json").read_text())
-    manifest["format_version"] = 2
+    manifest["format_version"] = 1  # a folder an older export wrote
     (version / "manifest.json").write_text(json.dumps(manifest))
     (root / "notes.png").write_text("not an image at all\n")
     png_bomb_header(root / "bomb.png", 100_000, 100_000)
@@ -134,7 +134,8 @@ ERRORS = {
     "missing engine": ({"--engine": "missing"}, [], "does not exist"),
     "checksum": ({"--engine": "checksum"}, [], "sha256 differs from the manifest"),
     "format version": ({"--engine": "version"}, [],
-                       "format_version 2 is not supported; this runtime reads format_version 1"),
+                       "format_version 1 is not supported; this runtime reads format_version 2 "
+                       "(rebuild the engine with export/build.py)"),
     "image missing": ({"--image": "missing"}, [], "no such file"),
     "not an image": ({"--image": "text"}, [], "not an image file"),
     "bomb": ({"--image": "bomb"}, [], "decompression bomb"),

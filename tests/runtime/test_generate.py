@@ -1,19 +1,22 @@
-"""runtime/generate.py against a scripted numpy LLM: positions, masks, cache flow, stopping, sampling."""
+"""runtime/generate.py against a scripted numpy LLM: positions, masks, cache flow, stopping, batches, sampling."""
 from __future__ import annotations
 
+import ctypes
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from sparsezip_deploy.runtime.backends.base import Backend
-from sparsezip_deploy.runtime.engine import GraphSpec, TensorSpec
+from sparsezip_deploy.runtime.backends.base import Backend, DeviceBuffer, TensorView
 from sparsezip_deploy.runtime.errors import EngineError
-from sparsezip_deploy.runtime.generate import (GenerationConfig, decode_one_token, embed, generate, prefill,
-                                               sample)
+from sparsezip_deploy.runtime.generate import (GenerationConfig, decode_one_token, embed, generate, pad_left,
+                                               prefill, sample)
 from sparsezip_deploy.runtime.kv_cache import KVCache
+from sparsezip_deploy.runtime.manifest import CacheLayout, GraphSpec, LlmInfo, TensorSpec
 
 VOCAB, D, LAYERS, HEADS, HEAD_DIM, EOS = 16, 4, 2, 1, 2, 2
+LAYOUT = CacheLayout.single_group(LAYERS)
+LLM = LlmInfo(LAYERS, HEADS, HEAD_DIM, D, VOCAB, 64, "float32", "embed_tokens.npy", LAYOUT)
 
 
 def llm_spec() -> GraphSpec:
@@ -22,23 +25,32 @@ def llm_spec() -> GraphSpec:
               "position_ids": TensorSpec("int64", ("batch", "seq"))}
     outputs = {"logits": TensorSpec("float32", ("batch", 1, VOCAB))}
     for i in range(LAYERS):
-        for kind in ("key", "value"):
-            inputs[f"past_key_values.{i}.{kind}"] = TensorSpec("float32", ("batch", HEADS, "past", HEAD_DIM))
-            outputs[f"present.{i}.{kind}"] = TensorSpec("float32", ("batch", HEADS, "total", HEAD_DIM))
+        for past, new in zip(LAYOUT.past_names(i), LAYOUT.new_names(i)):
+            inputs[past] = TensorSpec("float32", ("past", "batch", HEADS, HEAD_DIM))
+            outputs[new] = TensorSpec("float32", ("seq", "batch", HEADS, HEAD_DIM))
     return GraphSpec("fake.onnx", inputs, outputs)
 
 
+def host(view: TensorView) -> np.ndarray:
+    """The view's memory as a numpy array (the fake's device is the host)."""
+    raw = (ctypes.c_byte * view.nbytes).from_address(view.ptr)
+    return np.frombuffer(raw, view.dtype).reshape(view.shape)
+
+
 class ScriptedLLM(Backend):
-    """Checks what a real decoder relies on, then predicts `script(position of the last input)`.
+    """Checks what a real decoder relies on, then predicts `script(row, position of its last input)`.
 
     Its "keys" are the first HEAD_DIM embedding values of each position and its
-    "values" the position itself, so a past that is not exactly what it produced
-    earlier (lost, shifted or stale cache) is caught.
+    "values" the position id itself, so a past that is not exactly what it wrote
+    earlier (lost, shifted or stale cache) is caught; positions must continue
+    each row's own count, and the mask must mark the left padding.
     """
 
-    def __init__(self, script):
+    def __init__(self, script, batch: int = 1):
         super().__init__("fake.onnx", llm_spec())
-        self.script, self.calls, self.history = script, [], []  # history: embeds row per position
+        self.script, self.calls = script, []
+        self.history = [[] for _ in range(batch)]  # per row: (embedding row, position, real?) per slot
+        self._memory = []
 
     def _load(self):
         pass
@@ -46,65 +58,94 @@ class ScriptedLLM(Backend):
     def _unload(self):
         pass
 
-    def _infer(self, feeds):
-        embeds, positions = feeds["inputs_embeds"][0], feeds["position_ids"][0]
-        past = feeds["past_key_values.0.key"].shape[2]
-        assert past == len(self.history)
-        np.testing.assert_array_equal(positions, np.arange(past, past + len(embeds)))
-        np.testing.assert_array_equal(feeds["attention_mask"], np.ones((1, past + len(embeds))))
-        out = {}
+    def allocate(self, nbytes):
+        memory = np.zeros(nbytes, np.uint8)
+        self._memory.append(memory)
+        return DeviceBuffer(memory.ctypes.data, nbytes, "cpu", 0, memory)
+
+    def copy(self, src, dst, nbytes):
+        ctypes.memmove(dst.ptr, src.ptr, nbytes)
+
+    def _infer(self, feeds, outputs):
+        embeds, positions, mask = feeds["inputs_embeds"], feeds["position_ids"], feeds["attention_mask"]
+        batch, seq = embeds.shape[:2]
+        past = feeds["past_key_values.0.key"].shape[0]
+        assert isinstance(feeds["past_key_values.0.key"], TensorView), "the past must come from the device"
+        for b, slots in enumerate(self.history):
+            assert past == len(slots)
+            np.testing.assert_array_equal(mask[b, :past], [real for _, _, real in slots])
+            real = [p for _, p, r in slots if r]
+            np.testing.assert_array_equal(real, np.arange(len(real)))  # a row's positions count its tokens only
+            new_real = mask[b, past:] > 0
+            np.testing.assert_array_equal(positions[b][new_real], np.arange(len(real), len(real) + new_real.sum()))
         for i in range(LAYERS):
-            k, v = feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"]
-            if past:
-                np.testing.assert_array_equal(k[0, 0], np.stack(self.history)[:, :HEAD_DIM])
-                np.testing.assert_array_equal(v[0, 0, :, 0], np.arange(past))
-            new_k = embeds[None, None, :, :HEAD_DIM]
-            new_v = np.repeat(positions[None, None, :, None], HEAD_DIM, -1).astype(np.float32)
-            # The past part of present is garbage on purpose: the cache must only take the new part.
-            out[f"present.{i}.key"] = np.concatenate([np.full_like(k, 7.0), new_k], 2)
-            out[f"present.{i}.value"] = np.concatenate([np.full_like(v, 7.0), new_v], 2)
-        self.history.extend(embeds)
-        self.calls.append(len(embeds))
-        logits = np.zeros((1, 1, VOCAB), np.float32)
-        logits[0, 0, self.script(int(positions[-1]))] = 1.0
-        return {"logits": logits, **out}
+            k, v = host(feeds[f"past_key_values.{i}.key"]), host(feeds[f"past_key_values.{i}.value"])
+            for b, slots in enumerate(self.history):
+                if slots:
+                    np.testing.assert_array_equal(k[:, b, 0], np.stack([e for e, _, _ in slots])[:, :HEAD_DIM])
+                    np.testing.assert_array_equal(v[:, b, 0, 0], [p for _, p, _ in slots])
+            host(outputs[f"new_key_values.{i}.key"])[:] = embeds.transpose(1, 0, 2)[:, :, None, :HEAD_DIM]
+            host(outputs[f"new_key_values.{i}.value"])[:] = positions.T[:, :, None, None]
+        for b in range(batch):
+            self.history[b] += [(embeds[b, j], positions[b, j], mask[b, past + j]) for j in range(seq)]
+        self.calls.append(seq)
+        logits = np.zeros((batch, 1, VOCAB), np.float32)
+        for b in range(batch):
+            logits[b, 0, self.script(b, int(positions[b, -1]))] = 1.0
+        return {"logits": logits}
 
 
 def table() -> np.ndarray:
     return np.arange(VOCAB * D, dtype=np.float32).reshape(VOCAB, D)
 
 
-def run(script, prompt_len=5, max_new_tokens=6):
-    llm = ScriptedLLM(script).activate()
-    cache = KVCache(LAYERS, HEADS, HEAD_DIM, prompt_len + max_new_tokens, np.float32)
-    prompt = np.random.default_rng(0).standard_normal((1, prompt_len, D)).astype(np.float32)
-    logits = prefill(llm, cache, prompt)
+def run(script, prompt_lens=(5,), max_new_tokens=6):
+    llm = ScriptedLLM(script, len(prompt_lens)).activate()
+    rng = np.random.default_rng(0)
+    prompts = [rng.standard_normal((n, D)).astype(np.float32) for n in prompt_lens]
+    embeds, mask = pad_left(prompts)
+    cache = KVCache(llm, LLM, len(prompts), embeds.shape[1] + max_new_tokens)
+    logits = prefill(llm, cache, embeds, mask)
     config = GenerationConfig(max_new_tokens=max_new_tokens)
-    tokens = list(generate(llm, cache, table(), logits, config, EOS, np.random.default_rng(0)))
-    return tokens, llm, cache
+    rngs = [np.random.default_rng(0) for _ in prompts]
+    steps = [tokens.tolist() for tokens in generate(llm, cache, table(), logits, config, EOS, rngs)]
+    return steps, llm, cache
 
 
 def test_generate_feeds_each_token_back_until_max_new_tokens():
-    tokens, llm, cache = run(lambda pos: 3 + pos % 10, prompt_len=5, max_new_tokens=6)
+    steps, llm, cache = run(lambda row, pos: 3 + pos % 10, prompt_lens=(5,), max_new_tokens=6)
+    tokens = [s[0] for s in steps]
     assert tokens == [3 + p % 10 for p in range(4, 10)]
     assert llm.calls == [5, 1, 1, 1, 1, 1]  # one prefill, then one token per call
     # The fed rows are the embedding rows of the sampled tokens; the last one is never fed.
-    np.testing.assert_array_equal(np.stack(llm.history[5:]), table()[tokens[:-1]])
+    np.testing.assert_array_equal(np.stack([e for e, _, _ in llm.history[0][5:]]), table()[tokens[:-1]])
     assert cache.length == 5 + 6 - 1
 
 
 def test_generate_stops_after_eos():
-    tokens, llm, cache = run(lambda pos: EOS if pos == 7 else 9, prompt_len=5, max_new_tokens=20)
-    assert tokens == [9, 9, 9, EOS]
+    steps, llm, cache = run(lambda row, pos: EOS if pos == 7 else 9, prompt_lens=(5,), max_new_tokens=20)
+    assert [s[0] for s in steps] == [9, 9, 9, EOS]
     assert len(llm.calls) == 4 and cache.length == 5 + 3
 
 
+def test_batch_rows_keep_their_own_positions_and_stops():
+    # Row 0 (prompt 3, left-padded by 4) stops at its position 5; row 1 (prompt 7) runs to the end.
+    steps, llm, cache = run(lambda row, pos: EOS if (row, pos) == (0, 5) else 4 + row, prompt_lens=(3, 7),
+                            max_new_tokens=5)
+    assert [s[0] for s in steps] == [4, 4, 4, EOS, -1]  # -1: the row had stopped
+    assert [s[1] for s in steps] == [5, 5, 5, 5, 5]
+    assert llm.calls == [7, 1, 1, 1, 1]
+    # Row 0 holds its prompt and the three tokens fed before its EOS; its last slot is padding.
+    np.testing.assert_array_equal(cache.input_pos, [3 + 3, 7 + 4])
+    assert cache.row_bytes(0) == 6 * cache.per_token_bytes and cache.length == 7 + 4
+
+
 def test_decode_one_token_continues_the_cache():
-    llm = ScriptedLLM(lambda pos: 4).activate()
-    cache = KVCache(LAYERS, HEADS, HEAD_DIM, 8, np.float32)
+    llm = ScriptedLLM(lambda row, pos: 4).activate()
+    cache = KVCache(llm, LLM, 1, 8)
     prefill(llm, cache, np.ones((1, 3, D), np.float32))
-    logits = decode_one_token(llm, cache, table(), 11)
-    assert logits.shape == (VOCAB,) and int(logits.argmax()) == 4 and cache.length == 4
+    logits = decode_one_token(llm, cache, table(), np.array([11]))
+    assert logits.shape == (1, VOCAB) and int(logits[0].argmax()) == 4 and cache.length == 4
     np.testing.assert_array_equal(embed(table(), [11, 0]), table()[[11, 0]])
 
 

@@ -1,76 +1,153 @@
-"""runtime/kv_cache.py: allocated once, written in place, bytes accounted exactly."""
+"""runtime/kv_cache.py: device buffers written in place by position, explicit positions, bytes per group.
+
+The last tests run the real decode loop through ONNX Runtime's IOBinding on the
+CPU EP and prove that the past is bound where the cache keeps it, the new
+positions are written in place, and nothing but the logits is copied to the host.
+"""
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
+from sparsezip_deploy.runtime.backends.ort import OrtBackend
 from sparsezip_deploy.runtime.kv_cache import KVCache
+from sparsezip_deploy.runtime.manifest import CacheGroup, CacheLayout, GraphSpec, LlmInfo, TensorSpec
+from sparsezip_deploy.runtime.pipeline import Pipeline
 
 LAYERS, HEADS, HEAD_DIM = 3, 2, 4
+SPEC = GraphSpec("none.onnx", {"x": TensorSpec("float32", (1,))}, {"y": TensorSpec("float32", (1,))})
 
 
-def presents(cache: KVCache, new: int, seed: int, stale: float = np.nan) -> dict[str, np.ndarray]:
-    """present.* outputs for `new` positions; the past positions hold `stale` junk, which must not be copied."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for i in range(LAYERS):
-        for kind in ("key", "value"):
-            a = rng.standard_normal((1, HEADS, cache.length + new, HEAD_DIM)).astype(cache.dtype)
-            a[:, :, :cache.length] = stale
-            out[f"present.{i}.{kind}"] = a
-    return out
+def llm_info(dtype="float32", cache=None) -> LlmInfo:
+    return LlmInfo(LAYERS, HEADS, HEAD_DIM, 8, 16, 64, dtype, "embed_tokens.npy",
+                   cache or CacheLayout.single_group(LAYERS))
 
 
-def test_allocated_once_and_written_in_place():
-    cache = KVCache(LAYERS, HEADS, HEAD_DIM, capacity=10, dtype=np.float16)
-    buffers = [a.__array_interface__["data"][0] for a in cache.keys + cache.values]
-    first = presents(cache, 4, seed=0)
-    cache.append(first, 4)
-    second = presents(cache, 1, seed=1)  # its past positions are NaN junk
-    cache.append(second, 1)
-    assert cache.length == 5 and cache.capacity == 10
-    assert [a.__array_interface__["data"][0] for a in cache.keys + cache.values] == buffers
-    np.testing.assert_array_equal(cache.keys[2][:, :, :4], first["present.2.key"])
-    np.testing.assert_array_equal(cache.values[0][:, :, 4:5], second["present.0.value"][:, :, 4:5])
-    assert not np.isnan(cache.keys[1][:, :, :5]).any()
+@pytest.fixture
+def backend():
+    return OrtBackend("none.onnx", SPEC)  # never activated: allocate / copy / to_host need no graph
 
 
-def test_past_feeds_are_views_of_the_valid_positions():
-    cache = KVCache(LAYERS, HEADS, HEAD_DIM, capacity=8, dtype=np.float32)
-    feeds = cache.past_feeds()
-    assert set(feeds) == {f"past_key_values.{i}.{k}" for i in range(LAYERS) for k in ("key", "value")}
-    assert feeds["past_key_values.0.key"].shape == (1, HEADS, 0, HEAD_DIM)
-    cache.append(presents(cache, 3, seed=0), 3)
-    feeds = cache.past_feeds()
-    assert feeds["past_key_values.2.value"].shape == (1, HEADS, 3, HEAD_DIM)
-    assert np.shares_memory(feeds["past_key_values.2.value"], cache.values[2])
+def write(cache: KVCache, backend, new: np.ndarray) -> dict[str, np.ndarray]:
+    """What a graph call does: write `new` [S, B, H, hd] (+ layer offsets) into every bound output."""
+    past, out = cache.bind(new.shape[0])
+    written = {}
+    for i, (name, view) in enumerate(out.items()):
+        host = np.frombuffer((np.ctypeslib.ctypes.c_byte * view.nbytes).from_address(view.ptr), view.dtype)
+        host[:] = (new + i).ravel()
+        written[name] = new + i
+    cache.advance(np.ones((cache.batch, new.shape[0]), np.int64))
+    return written
 
 
-def test_bytes():
-    cache = KVCache(LAYERS, HEADS, HEAD_DIM, capacity=8, dtype=np.float16)
-    per_token = 2 * LAYERS * HEADS * HEAD_DIM * 2
-    assert cache.per_token_bytes == per_token
-    assert cache.nbytes_allocated == 8 * per_token
-    cache.append(presents(cache, 5, seed=0), 5)
-    assert cache.nbytes_used == 5 * per_token
+def test_views_are_contiguous_slices_of_one_buffer_per_tensor(backend):
+    cache = KVCache(backend, llm_info(), batch=2, capacity=10)
+    past, out = cache.bind(4)
+    assert len(past) == len(out) == 2 * LAYERS
+    key = "past_key_values.1.value"
+    assert past[key].shape == (0, 2, HEADS, HEAD_DIM) and out["new_key_values.1.value"].shape == (4, 2, HEADS, HEAD_DIM)
+    assert past[key].ptr == out["new_key_values.1.value"].ptr  # the new positions start where the past ends
+    cache.advance(np.ones((2, 4), np.int64))
+    past, out = cache.bind(1)
+    slot = 2 * HEADS * HEAD_DIM * 4
+    assert past[key].shape == (4, 2, HEADS, HEAD_DIM) and out["new_key_values.1.value"].ptr == past[key].ptr + 4 * slot
+    assert cache.nbytes_allocated == 10 * slot * 2 * LAYERS
 
 
-def test_overflow_is_refused():
-    cache = KVCache(LAYERS, HEADS, HEAD_DIM, capacity=4, dtype=np.float32)
-    cache.append(presents(cache, 3, seed=0), 3)
-    with pytest.raises(ValueError, match="overflow"):
-        cache.append(presents(cache, 2, seed=1), 2)
-    assert cache.length == 3
+def test_written_positions_stay_where_they_were_written(backend):
+    cache = KVCache(backend, llm_info(), batch=1, capacity=6)
+    rng = np.random.default_rng(0)
+    first = write(cache, backend, rng.standard_normal((4, 1, HEADS, HEAD_DIM)).astype(np.float32))
+    second = write(cache, backend, rng.standard_normal((1, 1, HEADS, HEAD_DIM)).astype(np.float32))
+    held = cache.host_copy("past_key_values.2.key")
+    np.testing.assert_array_equal(held, np.concatenate([first["new_key_values.2.key"],
+                                                        second["new_key_values.2.key"]]))
+    assert cache.length == 5 and cache.capacity == 6
 
 
-def test_ensure_capacity_grows_once_and_keeps_the_data():
-    cache = KVCache(LAYERS, HEADS, HEAD_DIM, capacity=4, dtype=np.float32)
-    cache.append(presents(cache, 3, seed=0), 3)
-    before = [a[:, :, :3].copy() for a in cache.keys + cache.values]
-    assert not cache.ensure_capacity(4)
-    assert cache.ensure_capacity(9)
-    assert cache.capacity == 9 and cache.length == 3
-    for old, new in zip(before, cache.keys + cache.values):
-        np.testing.assert_array_equal(new[:, :, :3], old)
-    cache.append(presents(cache, 6, seed=1), 6)
-    assert cache.length == 9
+def test_positions_and_mask_of_a_left_padded_batch(backend):
+    cache = KVCache(backend, llm_info(), batch=2, capacity=8)
+    mask = np.array([[0, 0, 1, 1], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(cache.position_ids(mask), [[0, 0, 0, 1], [0, 1, 2, 3]])
+    np.testing.assert_array_equal(cache.attention_mask(mask), mask)
+    cache.bind(4)
+    cache.advance(mask)
+    np.testing.assert_array_equal(cache.input_pos, [2, 4])
+    step = np.ones((2, 1), np.int64)
+    np.testing.assert_array_equal(cache.position_ids(step), [[2], [4]])
+    np.testing.assert_array_equal(cache.attention_mask(step), [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    per_token = 2 * LAYERS * HEADS * HEAD_DIM * 4
+    assert cache.per_token_bytes == per_token == llm_info().kv_bytes_per_token
+    assert (cache.row_bytes(0), cache.row_bytes(1)) == (2 * per_token, 4 * per_token)
+    assert cache.nbytes_used == 2 * 4 * per_token  # padding slots are held too
+
+
+def test_growing_keeps_the_held_positions(backend):
+    cache = KVCache(backend, llm_info("float16"), batch=1, capacity=4)
+    data = write(cache, backend, np.arange(3 * HEADS * HEAD_DIM, dtype=np.float16).reshape(3, 1, HEADS, HEAD_DIM))
+    assert not cache.reserve(4)
+    assert cache.reserve(5)
+    assert cache.capacity == 6  # by half the capacity at least: a long chat grows rarely
+    np.testing.assert_array_equal(cache.host_copy("past_key_values.0.value"), data["new_key_values.0.value"])
+    write(cache, backend, np.zeros((3, 1, HEADS, HEAD_DIM), np.float16))
+    assert cache.length == 6
+
+
+def test_each_group_keeps_its_own_length(backend):
+    layout = CacheLayout(groups=(CacheGroup((0,), "past"), CacheGroup((1, 2), "past_late")))
+    cache = KVCache(backend, llm_info(cache=layout), batch=1, capacity=8)
+    cache.bind(3)
+    cache.advance(np.ones((1, 3), np.int64))
+    cache.groups[1].length = 1  # what a method that drops tokens in later layers would keep
+    past, _ = cache.bind(1)
+    assert past["past_key_values.0.key"].shape[0] == 3 and past["past_key_values.2.key"].shape[0] == 1
+    slot = HEADS * HEAD_DIM * 4
+    assert cache.nbytes_used == (3 * 2 + 1 * 4) * slot
+
+
+# -- the real decode loop, through IOBinding on the CPU EP
+
+def test_decode_binds_the_cache_in_place_and_copies_only_logits_to_the_host(engine_none, shapes_png, monkeypatch):
+    bound, host_copies = [], []
+    real = {name: getattr(ort.IOBinding, name) for name in ("bind_input", "bind_output", "bind_cpu_input")}
+
+    def spy(name):
+        def record(self, tensor, *args):
+            bound.append((name, tensor, args))
+            return real[name](self, tensor, *args)
+        return record
+
+    for name in real:
+        monkeypatch.setattr(ort.IOBinding, name, spy(name))
+    real_numpy = ort.OrtValue.numpy
+    monkeypatch.setattr(ort.OrtValue, "numpy", lambda self: host_copies.append(self.shape()) or real_numpy(self))
+
+    with Pipeline(engine_none, threads=1) as pipe:
+        chat = pipe.conversation(shapes_png)
+        result = chat.ask("What colour is the circle?", max_new_tokens=8)
+        cache = chat.cache
+        buffers = {t.past_name: t.buffer for g in cache.groups for t in g.tensors}
+        steps = len(result.token_ids)  # one prefill + a decode step per token but the last
+        vocab = pipe.engine.llm.vocab_size
+        slot = cache.slot_bytes
+
+        past = [(args, tensor) for kind, tensor, args in bound if tensor.startswith("past_key_values.")]
+        assert not [t for kind, t, _ in bound if kind == "bind_cpu_input" and t.startswith("past_key_values.")]
+        assert len(past) == steps * len(buffers)
+        held = [0] + [result.prompt_tokens + i for i in range(steps - 1)]  # past length of each call
+        written = [result.prompt_tokens] + [1] * (steps - 1)
+        for call, (length, count) in enumerate(zip(held, written)):
+            for (device, _, _, shape, ptr), name in past[call * len(buffers):(call + 1) * len(buffers)]:
+                assert device == "cpu" and ptr == buffers[name].ptr and shape[0] == length
+        new = [(args, t) for kind, t, args in bound if kind == "bind_output" and t.startswith("new_key_values.")]
+        assert len(new) == steps * len(buffers)
+        for call, (length, count) in enumerate(zip(held, written)):
+            for (device, _, _, shape, ptr), name in new[call * len(buffers):(call + 1) * len(buffers)]:
+                base = buffers[name.replace("new_key_values.", "past_key_values.")].ptr
+                assert device == "cpu" and ptr == base + length * slot and shape[0] == count
+        # The host saw the logits of each call and nothing else.
+        assert host_copies == [[1, 1, vocab]] * steps
+
+        # Every fed position is held (what it holds is checked against transformers in test_oracle.py).
+        assert cache.host_copy("past_key_values.0.key").shape[0] == result.prompt_tokens + steps - 1

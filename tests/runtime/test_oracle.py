@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-from sparsezip_deploy.runtime.generate import embed, encode_image, text_features
+from sparsezip_deploy.runtime.generate import embed, encode_images, text_features
 from sparsezip_deploy.runtime.pipeline import Pipeline
 from sparsezip_deploy.runtime.preprocess import load_image, preprocess
 from sparsezip_deploy.runtime.prompt import first_turn_ids
@@ -65,8 +65,8 @@ def test_compressed_equals_hf_llm_fed_the_same_visual_tokens(request, tiny, engi
     with Pipeline(engine_dir) as pipe:
         engine = pipe.engine
         ids = first_turn_ids(pipe.tokenizer, engine.prompt, engine.tokens, QUESTION, False)
-        text = text_features(pipe.table, ids.text_ids) if engine.vision.text_aware else None
-        visual = encode_image(pipe.vision, preprocess(load_image(shapes_png), engine.image), text)
+        text = text_features(pipe.table, [ids.text_ids]) if engine.vision.text_aware else None
+        visual = encode_images(pipe.vision, preprocess(load_image(shapes_png), engine.image), text)[0]
         embeds = np.concatenate([embed(pipe.table, ids.before), visual.tokens, embed(pipe.table, ids.after)])
         got = pipe.ask(shapes_png, QUESTION, NEW_TOKENS)
     assert got.visual_tokens_kept == len(visual.tokens) < 576
@@ -91,3 +91,67 @@ def test_chat_second_turn_equals_llava_generate_on_the_whole_conversation(tiny, 
     expected = hf_generate(tiny, processor, shapes_png, RAW, max_new_tokens=12, extra_ids=answer + follow_up)
     assert list(second.token_ids) == expected
     assert second.vision_ms == 0.0, "the second turn must reuse the image tokens"
+
+
+# -- batches: every row equals the oracle and the same question answered alone
+
+BATCH_QUESTIONS = ["What colour is the circle?", "Is there a square?",
+                   "How many shapes are in the picture, and which one is the largest?", "Where is the star?"]
+
+
+@pytest.fixture(scope="module")
+def scene_images(tmp_path_factory):
+    """Four generated scenes: different content, so a dynamic K keeps a different number per image."""
+    from sparsezip_deploy.scenes.scene import render, sample_scene
+
+    rng = np.random.default_rng(3)
+    folder = tmp_path_factory.mktemp("scenes")
+    paths = []
+    for i in range(4):
+        image, _ = render(sample_scene(rng))
+        image.save(folder / f"scene{i}.png")
+        paths.append(folder / f"scene{i}.png")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def engine_dynamic(tiny_dir, tmp_path_factory):
+    """sparsezip with the dynamic-K law at its defaults: K follows each image's score variance."""
+    return _build(tiny_dir, tmp_path_factory.mktemp("engines") / "tiny-dynamic", "sparsezip",
+                  "--dynamic-k", "--k-max", "40", "--contextual", "8", "--beta", "0")
+
+
+def test_batch_of_none_rows_equal_llava_generate(tiny, processor, engine_none, scene_images):
+    images, questions = scene_images[:3], BATCH_QUESTIONS[:3]
+    with Pipeline(engine_none) as pipe:
+        rows = pipe.ask_batch(images, questions, NEW_TOKENS)
+    for image, question, row in zip(images, questions, rows):
+        expected = hf_generate(tiny, processor, image, f"USER: <image>\n{question} ASSISTANT:")
+        assert list(row.token_ids) == expected
+        assert row.batch == 3 and row.visual_tokens_kept == 576
+
+
+def test_batch_rows_with_different_kept_counts_equal_hf_and_alone(tiny, engine_dynamic, scene_images):
+    with Pipeline(engine_dynamic) as pipe:
+        rows = pipe.ask_batch(scene_images, BATCH_QUESTIONS, NEW_TOKENS)
+        alone = [pipe.ask(image, q, NEW_TOKENS) for image, q in zip(scene_images, BATCH_QUESTIONS)]
+        engine = pipe.engine
+        prompts = []
+        for image, question in zip(scene_images, BATCH_QUESTIONS):
+            ids = first_turn_ids(pipe.tokenizer, engine.prompt, engine.tokens, question, False)
+            visual = encode_images(pipe.vision, preprocess(load_image(image), engine.image))[0]
+            prompts.append(np.concatenate([embed(pipe.table, ids.before), visual.tokens,
+                                           embed(pipe.table, ids.after)]))
+    kept = [r.visual_tokens_kept for r in rows]
+    assert len(set(kept)) > 1, f"the images keep the same number of tokens {kept}: the test would say little"
+    assert len({len(p) for p in prompts}) > 1  # rows are left-padded by different amounts
+    per_token = engine.llm.kv_bytes_per_token
+    for row, single, embeds in zip(rows, alone, prompts):
+        assert row.token_ids == single.token_ids
+        assert row.visual_tokens_kept == single.visual_tokens_kept == len(embeds) - row.prompt_text_tokens
+        assert row.kv_bytes == single.kv_bytes == (len(embeds) + len(row.token_ids) - 1) * per_token
+        with torch.no_grad():
+            out = tiny.model.generate(inputs_embeds=torch.from_numpy(embeds)[None],
+                                      attention_mask=torch.ones(1, len(embeds), dtype=torch.long),
+                                      max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert list(row.token_ids) == out[0].tolist()

@@ -22,13 +22,9 @@ from PIL import Image, ImageOps
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from sparsezip_deploy.runtime.preprocess import (
-    ImageConfig,
-    PreprocessError,
-    load_image,
-    preprocess,
-    preprocess_batch,
-)
+from sparsezip_deploy.runtime.errors import EngineError, PreprocessError
+from sparsezip_deploy.runtime.manifest import ImageConfig
+from sparsezip_deploy.runtime.preprocess import load_image, preprocess, preprocess_batch
 
 LLAVA15 = ImageConfig(
     crop_height=336, crop_width=336, shortest_edge=336, resample=int(Image.Resampling.BICUBIC),
@@ -181,17 +177,17 @@ def test_config_round_trips_through_json():
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"image_size": 336}, "unknown"),
-    ({"crop_height": None}, "missing"),
-    ({"resample": 99}, "resample"),
-    ({"std": [0.2, 0.0, 0.3]}, "std"),
-    ({"shortest_edge": 0}, "positive"),
+    ({"crop_height": None}, "lacks crop_height"),
+    ({"resample": 99}, "resample: 99 is not one of"),
+    ({"std": [0.2, 0.0, 0.3]}, r"std\[1\]: 0.0 is not above the minimum 0"),
+    ({"shortest_edge": 0}, "shortest_edge: 0 is below the minimum 1"),
+    ({"rescale_factor": "1/255"}, "rescale_factor: expected a number"),
 ])
 def test_config_rejects(change, match):
     d = dataclasses.asdict(LLAVA15)
     d.update(change)
     d = {k: v for k, v in d.items() if v is not None}
-    with pytest.raises(PreprocessError, match=match):
+    with pytest.raises(EngineError, match=match):
         ImageConfig.from_dict(d)
 
 

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from sparsezip_deploy.runtime.errors import EngineError
-from sparsezip_deploy.runtime.preprocess import ImageConfig, preprocess
+from sparsezip_deploy.runtime.manifest import ImageConfig
+from sparsezip_deploy.runtime.preprocess import preprocess
 from sparsezip_deploy.runtime.selection import DIM, kept_mask, render_selection, save_selection, unnormalise
 
 CONFIG = ImageConfig(crop_height=336, crop_width=336, shortest_edge=336, resample=3, rescale_factor=1 / 255,
