@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from sparsezip_deploy.runtime.backends import open_backend
 from sparsezip_deploy.runtime.manifest import BATCH, PAST, SEQ, TOTAL, CacheLayout, GraphSpec, TensorSpec
@@ -82,14 +81,23 @@ class DecoderGraph(nn.Module):
                 outputs[new] = TensorSpec(dtype, (SEQ, BATCH, self.num_kv_heads, self.head_dim))
         return GraphSpec("llm.onnx", inputs, outputs)
 
-    def attention_bias(self, attention_mask, seq: int, dtype) -> torch.Tensor:
-        """[B,1,1,S,P+S] additive bias: causal over cache positions, and padding from attention_mask."""
+    def attention_bias(self, attention_mask, seq: int, groups: int, dtype) -> torch.Tensor:
+        """[B,1,groups*S,P+S] additive bias: causal over cache positions, padding from attention_mask;
+        repeated for the query heads of each kv head (rows ordered like the grouped queries)."""
         total = attention_mask.shape[1]
         query_pos = torch.arange(seq, device=attention_mask.device).unsqueeze(-1) + (total - seq)
         causal = torch.arange(total, device=attention_mask.device).unsqueeze(0) <= query_pos
         allowed = causal.unsqueeze(0) & (attention_mask > 0).unsqueeze(1)
         # A finite minimum, not -inf: a fully padded row must give zeros, not NaN.
-        return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None]
+        bias = torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype).unsqueeze(1)  # [B,1,S,P+S]
+        return bias.repeat(1, 1, groups, 1) if groups > 1 else bias
+
+    @staticmethod
+    def rotate(x, cos, signed_sin):
+        """HF's rotary embedding x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] written
+        as [x2, x1] * [-sin1, sin2] (exact; the signed sin is made once for all layers): two ops fewer."""
+        x1, x2 = x.split(x.shape[-1] // 2, dim=-1)
+        return x * cos + torch.cat([x2, x1], dim=-1) * signed_sin
 
     @staticmethod
     def rms_norm(norm, x):
@@ -97,7 +105,7 @@ class DecoderGraph(nn.Module):
         h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
         return norm.weight * h.to(x.dtype)
 
-    def layer(self, layer, x, cos, sin, bias, past_k, past_v):
+    def layer(self, layer, x, cos, signed_sin, bias, past_k, past_v):
         """x [B,S,D], past_k|v [P,B,Hkv,hd] -> x, new k|v [S,B,Hkv,hd]."""
         attn = layer.self_attn
         batch, seq = x.shape[:2]
@@ -105,18 +113,17 @@ class DecoderGraph(nn.Module):
         q = attn.q_proj(h).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # [B,Hq,S,hd]
         k = attn.k_proj(h).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # [B,Hkv,S,hd]
         v = attn.v_proj(h).view(batch, seq, -1, self.head_dim)  # [B,S,Hkv,hd]
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = self.rotate(q, cos, signed_sin), self.rotate(k, cos, signed_sin)
         heads, kv_heads = q.shape[1], k.shape[1]
-        groups = heads // kv_heads
         # Query head j*groups + r reads kv head j (repeat_kv's order): [B,Hkv,groups*S,hd], no kv copies.
-        qg = q.reshape(batch, kv_heads, groups * seq, self.head_dim)
-        scores = torch.cat([torch.matmul(qg, past_k.permute(1, 2, 3, 0)),  # [B,Hkv,gS,P]
-                            torch.matmul(qg, k.transpose(2, 3))], dim=-1) * attn.scaling  # + [B,Hkv,gS,S]
-        scores = scores.view(batch, kv_heads, groups, seq, -1) + bias
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(batch, kv_heads, groups * seq, -1)
-        past = past_k.shape[0]
-        o = (torch.matmul(probs[..., :past], past_v.permute(1, 2, 0, 3))
-             + torch.matmul(probs[..., past:], v.transpose(1, 2)))  # [B,Hkv,gS,hd]
+        qg = q.reshape(batch, kv_heads, heads // kv_heads * seq, self.head_dim)
+        # Each product scaled on its own, as HF scales q.k (ORT folds the scale into the MatMul).
+        scores = torch.cat([torch.matmul(qg, past_k.permute(1, 2, 3, 0)) * attn.scaling,  # [B,Hkv,gS,P]
+                            torch.matmul(qg, k.transpose(2, 3)) * attn.scaling], dim=-1)  # + [B,Hkv,gS,S]
+        probs = torch.softmax((scores + bias).float(), dim=-1).to(q.dtype)
+        probs_past, probs_new = torch.split(probs, [past_k.shape[0], seq], dim=-1)
+        o = (torch.matmul(probs_past, past_v.permute(1, 2, 0, 3))
+             + torch.matmul(probs_new, v.transpose(1, 2)))  # [B,Hkv,gS,hd]
         o = o.view(batch, heads, seq, self.head_dim).transpose(1, 2).reshape(batch, seq, -1)
         x = x + attn.o_proj(o)
         x = x + layer.mlp(self.rms_norm(layer.post_attention_layernorm, x))
@@ -124,8 +131,11 @@ class DecoderGraph(nn.Module):
 
     def forward(self, inputs_embeds, attention_mask, position_ids, past: list[torch.Tensor]):
         x = inputs_embeds
-        cos, sin = self.rotary(x, position_ids)
-        bias = self.attention_bias(attention_mask, x.shape[1], x.dtype)
+        cos, sin = self.rotary(x, position_ids)  # [B,S,hd]
+        sin1, sin2 = sin.split(sin.shape[-1] // 2, dim=-1)
+        cos, sin = cos.unsqueeze(1), torch.cat([-sin1, sin2], dim=-1).unsqueeze(1)  # [B,1,S,hd]
+        groups = self.layers[0].self_attn.num_key_value_groups
+        bias = self.attention_bias(attention_mask, x.shape[1], groups, x.dtype)
         new = []
         for i, layer in enumerate(self.layers):
             x, k, v = self.layer(layer, x, cos, sin, bias, past[2 * i], past[2 * i + 1])
