@@ -96,8 +96,10 @@ class Pipeline:
                  verify_checksums: bool = True, backend: str = "ort"):
         self.engine: EngineFolder = load_engine(engine_dir, verify_checksums=verify_checksums)
         llm_options = backend_options(backend, provider=provider, threads=threads)
-        # One vision run per image, then the LLM's: its threads must not spin on after it.
-        vision_options = backend_options(backend, provider=provider, threads=threads, spin=False)
+        # One vision run per image, then the LLM's: its threads must not spin on after it, nor its
+        # activations stay resident under the LLM's.
+        vision_options = backend_options(backend, provider=provider, threads=threads, spin=False,
+                                         shrink_arena=True)
         self.tokenizer = load_tokenizer(self.engine)
         self.table = self._load_table()
         graphs = self.engine.graphs

@@ -23,10 +23,11 @@ than being skipped for shapes already seen.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -53,15 +54,16 @@ class DeviceBuffer:
 
     def view(self, shape: tuple[int, ...], dtype: np.dtype, offset: int = 0) -> TensorView:
         """A C-contiguous tensor of `shape` starting `offset` bytes in: no copy, no allocation."""
-        dtype = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if offset < 0 or offset + nbytes > self.nbytes:
-            raise ValueError(f"a {dtype} {list(shape)} view at {offset} does not fit {self.nbytes} bytes")
-        return TensorView(self, self.ptr + offset, tuple(int(s) for s in shape), dtype)
+        view = TensorView(self, self.ptr + offset, tuple(shape), np.dtype(dtype))
+        if offset < 0 or offset + view.nbytes > self.nbytes:
+            raise ValueError(f"a {view.dtype} {list(shape)} view at {offset} does not fit {self.nbytes} bytes")
+        return view
 
 
-@dataclass(frozen=True, eq=False)
-class TensorView:
+class TensorView(NamedTuple):
+    """A tensor in a DeviceBuffer. A named tuple, not a dataclass: a decode step makes two per cache
+    tensor, and a frozen dataclass with np.prod cost ~10 us each (1 ms a step at 24 layers)."""
+
     buffer: DeviceBuffer
     ptr: int
     shape: tuple[int, ...]
@@ -69,7 +71,7 @@ class TensorView:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class Backend(abc.ABC):

@@ -110,3 +110,23 @@ def test_chat_turn_equals_one_prefill_of_the_whole_conversation(pipe_sz, shapes_
 def test_too_long_is_an_engine_error(pipe_none, shapes_png):
     with pytest.raises(EngineError, match=r"\+ 1500 new tokens = \d+ exceeds max_position_embeddings 2048"):
         pipe_none.ask(shapes_png, QUESTION, 1500)
+
+
+def test_text_aware_batch_rows_equal_their_answers_alone(pipe_sz, shapes_png, tmp_path):
+    """Prompts of different lengths: the vision graph sees right-padded text, the LLM left-padded rows."""
+    from PIL import Image
+
+    other = tmp_path / "flipped.png"
+    Image.open(shapes_png).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(other)
+    images, prompts = [shapes_png, other], [QUESTION, "Is there a large green triangle at the bottom right?"]
+    rows = pipe_sz.ask_batch(images, prompts, 6)
+    for image, prompt, row in zip(images, prompts, rows):
+        alone = pipe_sz.ask(image, prompt, 6)
+        assert row.kept_index == alone.kept_index and row.token_ids == alone.token_ids
+        assert row.prompt_tokens == alone.prompt_tokens and row.kv_bytes == alone.kv_bytes
+    assert rows[0].kv_bytes_allocated == rows[1].kv_bytes_allocated > rows[0].kv_bytes
+
+
+def test_batch_needs_one_prompt_per_image(pipe_none, shapes_png):
+    with pytest.raises(EngineError, match="one prompt per image, got 2 images and 1 prompts"):
+        pipe_none.ask_batch([shapes_png, shapes_png], [QUESTION])
