@@ -117,7 +117,7 @@ class Backend(abc.ABC):
         symbols = check_feeds(self.path.name, self._checks, feeds, self._describe)
         if outputs:
             check_outputs(self.path.name, self.spec, outputs, symbols)
-        return self._infer(feeds, outputs)
+        return self._infer(feeds, outputs, symbols)
 
     def allocate(self, nbytes: int) -> DeviceBuffer:
         """Uninitialised memory on this backend's device, for views to bind as feeds or outputs."""
@@ -149,7 +149,9 @@ class Backend(abc.ABC):
     def _load(self) -> None: ...
 
     @abc.abstractmethod
-    def _infer(self, feeds: Mapping[str, Any], outputs: Mapping[str, TensorView]) -> dict[str, np.ndarray]: ...
+    def _infer(self, feeds: Mapping[str, Any], outputs: Mapping[str, TensorView],
+               symbols: Mapping[str, int]) -> dict[str, np.ndarray]:
+        """`symbols`: the size of each symbolic axis in this call's feeds (check_feeds found them)."""
 
     @abc.abstractmethod
     def _unload(self) -> None: ...

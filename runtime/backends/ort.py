@@ -171,7 +171,8 @@ class OrtBackend(Backend):
             return np.dtype(_ORT_DTYPES.get(value.data_type(), np.void)), tuple(value.shape())
         return super()._describe(value)
 
-    def _infer(self, feeds: Mapping[str, Any], outputs: Mapping[str, TensorView]) -> dict[str, np.ndarray]:
+    def _infer(self, feeds: Mapping[str, Any], outputs: Mapping[str, TensorView],
+               symbols: Mapping[str, int]) -> dict[str, np.ndarray]:
         if not outputs and all(isinstance(v, np.ndarray) for v in feeds.values()):
             return dict(zip(self._output_names, self.session.run(self._output_names, dict(feeds),
                                                                  self._run_options)))
@@ -186,17 +187,28 @@ class OrtBackend(Backend):
                                    list(value.shape), value.ptr)
             else:
                 binding.bind_ortvalue_input(name, value)
-        host = [name for name in self._output_names if name not in outputs]
+        # The outputs not pre-bound come back in host arrays made here and bound by address, so the run
+        # writes them in place (from the device if need be) and nothing is fetched or wrapped after it.
+        host, fetched = {}, []
         for name in self._output_names:
             view = outputs.get(name)
-            if view is None:
-                binding.bind_output(name, "cpu")
-            else:
+            if view is not None:
                 binding.bind_output(name, view.buffer.device, view.buffer.device_id, view.dtype,
                                     list(view.shape), view.ptr)
+                continue
+            spec = self.spec.outputs.get(name)
+            shape = None if spec is None else [d if isinstance(d, int) else symbols.get(d) for d in spec.shape]
+            if shape is None or None in shape:  # an axis the feeds do not fix: ORT allocates it
+                binding.bind_output(name, "cpu")
+                fetched.append(name)
+                continue
+            host[name] = np.empty(shape, spec.np_dtype)
+            binding.bind_output(name, "cpu", 0, spec.np_dtype, shape, host[name].ctypes.data)
         self.session.run_with_iobinding(binding, self._run_options)
-        values = binding.get_outputs()  # in binding order: the graph's output order
-        return {name: value.numpy() for name, value in zip(self._output_names, values) if name in host}
+        if fetched:
+            values = dict(zip((n for n in self._output_names if n not in outputs), binding.get_outputs()))
+            host.update({name: values[name].numpy() for name in fetched})
+        return host
 
     def _unload(self) -> None:
         self.session = None

@@ -66,7 +66,7 @@ class ScriptedLLM(Backend):
     def copy(self, src, dst, nbytes):
         ctypes.memmove(dst.ptr, src.ptr, nbytes)
 
-    def _infer(self, feeds, outputs):
+    def _infer(self, feeds, outputs, symbols):
         embeds, positions, mask = feeds["inputs_embeds"], feeds["position_ids"], feeds["attention_mask"]
         batch, seq = embeds.shape[:2]
         past = feeds["past_key_values.0.key"].shape[0]

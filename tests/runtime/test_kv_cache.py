@@ -1,8 +1,8 @@
 """runtime/kv_cache.py: device buffers written in place by position, explicit positions, bytes per group.
 
-The last tests run the real decode loop through ONNX Runtime's IOBinding on the
-CPU EP and prove that the past is bound where the cache keeps it, the new
-positions are written in place, and nothing but the logits is copied to the host.
+The last test runs the real decode loop through ONNX Runtime's IOBinding on the
+CPU EP and proves that the past is bound where the cache keeps it, the new
+positions are written in place, and nothing but the logits reaches the host.
 """
 from __future__ import annotations
 
@@ -146,8 +146,15 @@ def test_decode_binds_the_cache_in_place_and_copies_only_logits_to_the_host(engi
             for (device, _, _, shape, ptr), name in new[call * len(buffers):(call + 1) * len(buffers)]:
                 base = buffers[name.replace("new_key_values.", "past_key_values.")].ptr
                 assert device == "cpu" and ptr == base + length * slot and shape[0] == count
-        # The host saw the logits of each call and nothing else.
-        assert host_copies == [[1, 1, vocab]] * steps
+        # The host saw the logits of each call and nothing else: bound to host memory outside the cache,
+        # written by the run itself; no output was fetched or copied afterwards.
+        logits = [args for kind, t, args in bound if kind == "bind_output" and t == "logits"]
+        assert len(logits) == steps and {tuple(shape) for _, _, _, shape, _ in logits} == {(1, 1, vocab)}
+        inside = [(b.ptr, b.ptr + b.nbytes) for b in buffers.values()]
+        assert not [ptr for *_, ptr in logits if any(lo <= ptr < hi for lo, hi in inside)]
+        assert {t for kind, t, _ in bound if kind == "bind_output"} == {"logits", *(
+            name.replace("past_key_values.", "new_key_values.") for name in buffers)}
+        assert host_copies == []
 
         # Every fed position is held (what it holds is checked against transformers in test_oracle.py).
         assert cache.host_copy("past_key_values.0.key").shape[0] == result.prompt_tokens + steps - 1
