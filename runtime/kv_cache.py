@@ -39,7 +39,6 @@ class _Tensor:
 
 @dataclass
 class _Group:
-    layers: tuple[int, ...]
     tensors: list[_Tensor]
     length: int = 0  # slots held (real or padding), the same for every row
 
@@ -50,7 +49,7 @@ class KVCache:
         self.backend, self.batch = backend, batch
         self.kv_heads, self.head_dim, self.dtype = llm.num_kv_heads, llm.head_dim, llm.np_dtype
         layout = llm.cache
-        self.groups = [_Group(g.layers, [_Tensor(past, new)
+        self.groups = [_Group([_Tensor(past, new)
                                          for layer in g.layers
                                          for past, new in zip(layout.past_names(layer), layout.new_names(layer))])
                        for g in layout.groups]
@@ -103,8 +102,8 @@ class KVCache:
             return False
         if self.capacity:
             positions = max(positions, self.capacity + self.capacity // 2)
-        held = self.length * self.slot_bytes
         for group in self.groups:
+            held = group.length * self.slot_bytes
             for t in group.tensors:
                 old, t.buffer = t.buffer, self.backend.allocate(positions * self.slot_bytes)
                 if old is not None and held:

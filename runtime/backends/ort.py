@@ -206,7 +206,7 @@ class OrtBackend(Backend):
             binding.bind_output(name, "cpu", 0, spec.np_dtype, shape, host[name].ctypes.data)
         self.session.run_with_iobinding(binding, self._run_options)
         if fetched:
-            values = dict(zip((n for n in self._output_names if n not in outputs), binding.get_outputs()))
+            values = dict(zip(self._output_names, binding.get_outputs()))  # every output, in binding order
             host.update({name: values[name].numpy() for name in fetched})
         return host
 

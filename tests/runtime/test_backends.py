@@ -149,3 +149,23 @@ def test_a_graph_outside_an_engine_folder_declares_its_own_io(add_onnx):
             graph.run(feeds(batch_x=3, batch_y=2))
     with open_graph(add_onnx.read_bytes()) as graph:  # from bytes: calib's in-memory probes
         assert list(graph.spec.outputs) == ["z"]
+
+
+def test_an_output_the_feeds_do_not_size_is_fetched_beside_pre_bound_ones(tmp_path):
+    """z = x + y pre-bound, w = x * y declared with an axis no feed fixes: ORT allocates w, fetched after."""
+    def value(name, dims):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+    graph = helper.make_graph([helper.make_node("Add", ["x", "y"], ["z"]), helper.make_node("Mul", ["x", "y"], ["w"])],
+                              "two", [value("x", ["batch", 3]), value("y", ["batch", 3])],
+                              [value("z", ["batch", 3]), value("w", ["rows", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, tmp_path / "two.onnx")
+    spec = GraphSpec("two.onnx", SPEC.inputs, {"z": SPEC.outputs["z"], "w": TensorSpec("float32", ("rows", 3))})
+    with OrtBackend(tmp_path / "two.onnx", spec, OrtOptions(threads=1)) as backend:
+        z = backend.allocate(2 * 3 * 4).view((2, 3), np.float32)
+        x = np.full((2, 3), 3, np.float32)
+        out = backend.run({"x": x, "y": np.full((2, 3), 2, np.float32)}, outputs={"z": z})
+        assert set(out) == {"w"}
+        np.testing.assert_array_equal(out["w"], np.full((2, 3), 6, np.float32))
+        np.testing.assert_array_equal(backend.to_host(z), np.full((2, 3), 5, np.float32))
