@@ -24,9 +24,9 @@ import numpy as np
 
 from sparsezip_deploy.export.errors import ExportError
 from sparsezip_deploy.runtime.errors import UserError
-from sparsezip_deploy.runtime.manifest import (FORMAT_VERSION, TOKENIZER, LlmInfo, Manifest, PromptTemplate,
-                                               TokenIds, VisionInfo, artifact_entries, tool_versions,
-                                               write_manifest)
+from sparsezip_deploy.runtime.manifest import (DEFAULT_MAX_BATCH, DEFAULT_MAX_TEXT_LEN, FORMAT_VERSION,
+                                               TOKENIZER, Limits, LlmInfo, Manifest, PromptTemplate, TokenIds,
+                                               VisionInfo, artifact_entries, tool_versions, write_manifest)
 from sparsezip_deploy.sparsezip.config import CONFIGS, MethodConfig, config_to_dict
 
 DEFAULT_MODEL = "shapes"
@@ -58,6 +58,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="replace an existing engine folder")
     p.add_argument("--llm-dtype", default="float32", choices=["float32", "float16"],
                    help="precision of llm.onnx and the embedding table")
+    limits = p.add_argument_group(
+        "serving limits", "the largest shapes the engine serves: TensorRT's optimisation profiles end there "
+                          "and the runtime refuses beyond them")
+    limits.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="rows of one batch")
+    limits.add_argument("--max-positions", type=int, default=None,
+                        help="prompt + answer per row, image tokens included (default: the LLM's "
+                             "max_position_embeddings)")
+    limits.add_argument("--max-text-len", type=int, default=DEFAULT_MAX_TEXT_LEN,
+                        help="prompt words a text-aware vision graph reads (capped at --max-positions)")
     calib = p.add_argument_group("quantisation and calibration (calib/)")
     calib.add_argument("--vision-int8", choices=["cpu", "tensorrt"], default=None,
                        help="int8 encoder linear layers: 'cpu' ONNX Runtime dynamic int8, 'tensorrt' "
@@ -101,6 +110,18 @@ def method_config(args: argparse.Namespace) -> MethodConfig:
     return config
 
 
+def serving_limits(args: argparse.Namespace, max_position_embeddings: int) -> Limits:
+    positions = max_position_embeddings if args.max_positions is None else args.max_positions
+    if not 2 <= positions <= max_position_embeddings:
+        raise ExportError(f"--max-positions must be in [2, {max_position_embeddings}] (the LLM's "
+                          f"max_position_embeddings), got {positions}")
+    if not 1 <= args.max_batch <= 1024:
+        raise ExportError(f"--max-batch must be in [1, 1024], got {args.max_batch}")
+    if args.max_text_len < 1:
+        raise ExportError(f"--max-text-len must be >= 1, got {args.max_text_len}")
+    return Limits(args.max_batch, positions, min(args.max_text_len, positions))
+
+
 def _calibrating(args: argparse.Namespace) -> bool:
     return args.vision_int8 is not None or args.target_mean_k is not None
 
@@ -132,6 +153,7 @@ def build(args: argparse.Namespace) -> Path:
     except ValueError as e:
         raise ExportError(str(e)) from None
     decoder = DecoderGraph(loaded.model, args.llm_dtype).eval()
+    limits = serving_limits(args, decoder.max_positions)
 
     out = args.out or Path("engines") / f"{loaded.source['name']}-{config.method}"
     if out.exists() and not args.force:
@@ -139,7 +161,7 @@ def build(args: argparse.Namespace) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        manifest = _build_into(tmp, loaded, graph, decoder, progress, args)
+        manifest = _build_into(tmp, loaded, graph, decoder, limits, progress, args)
         progress(f"moving into place: {out}")
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide the engine from other users
         if out.exists():
@@ -153,7 +175,8 @@ def build(args: argparse.Namespace) -> Path:
     return out
 
 
-def _build_into(folder: Path, loaded, graph, decoder, progress: Progress, args: argparse.Namespace) -> Manifest:
+def _build_into(folder: Path, loaded, graph, decoder, limits: Limits, progress: Progress,
+                args: argparse.Namespace) -> Manifest:
     from sparsezip_deploy.export.llm import check_llm, export_llm, save_embeddings
     from sparsezip_deploy.export.prompt import prompt_formats
     from sparsezip_deploy.export.vision import check_vision, export_vision
@@ -219,6 +242,7 @@ def _build_into(folder: Path, loaded, graph, decoder, progress: Progress, args: 
             calibration=calibration,
             tools=tool_versions(),
             artifacts=artifact_entries(folder, files),
+            limits=limits,
         )
     except ValueError as e:  # the model's facts disagree with each other (e.g. a token id outside the vocabulary)
         raise ExportError(f"the engine's manifest would be invalid: {e}") from None

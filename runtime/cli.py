@@ -9,20 +9,27 @@ peak RSS) follow on stderr, so stdout holds the answer alone and can be piped.
 --chat keeps asking: further questions are read from stdin, one per line, until
 EOF, an empty line or "exit"; the image tokens and the KV cache carry over.
 
+On a GPU: --provider cuda | tensorrt runs ONNX Runtime's execution providers
+(onnxruntime-gpu); --backend tensorrt runs native TensorRT plans built on this
+device by sparsezip-build-trt. --warmup-build runs each graph once and exits:
+with --provider tensorrt that builds the EP's engine cache (minutes, once per
+GPU), so that later starts load in seconds.
+
 Every user error (bad engine folder, checksum, format version, unreadable image,
-bad prompt, too long, unknown provider, bad option) is one `error: ...` line on
-stderr and exit status 1.
+bad prompt, too long, unknown provider, missing GPU package, bad option) is one
+`error: ...` line on stderr and exit status 1.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn, TextIO
 
-from .backends import backend_options
+from .backends import BACKENDS, backend_options
 from .backends.ort import PROVIDERS, OrtOptions
 from .errors import EngineError, UserError
 from .generate import GenerationConfig
@@ -45,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gen, ort_defaults = GenerationConfig(), OrtOptions()
     p = _Parser(prog="sparsezip-run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", type=Path, required=True, help="engine folder (holds manifest.json)")
-    p.add_argument("--image", type=Path, required=True, help="image file")
+    p.add_argument("--image", type=Path, default=None, help="image file (required unless --warmup-build)")
     p.add_argument("--prompt", default=None,
                    help="the question (required without --chat; with --chat, the first stdin line if absent)")
     p.add_argument("--max-new-tokens", type=int, default=gen.max_new_tokens, help="default: %(default)s")
@@ -55,6 +62,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chat", action="store_true", help="keep asking: read more questions from stdin")
     p.add_argument("--provider", choices=list(PROVIDERS), default=ort_defaults.provider,
                    help="ONNX Runtime execution provider (default: %(default)s)")
+    p.add_argument("--backend", choices=list(BACKENDS), default="ort",
+                   help="ort: ONNX Runtime (--provider picks its device); tensorrt: native TensorRT plans "
+                        "(sparsezip-build-trt) (default: %(default)s)")
+    p.add_argument("--device-id", type=int, default=ort_defaults.device_id, help="GPU index (default: 0)")
+    p.add_argument("--trt-cache", type=Path, default=None,
+                   help="TensorRT EP engine/timing cache folder (default: ENGINE/trt_cache/<gpu>)")
+    p.add_argument("--warmup-build", action="store_true",
+                   help="run each graph once and exit (--provider tensorrt: build the engine cache)")
     p.add_argument("--threads", type=int, default=ort_defaults.threads,
                    help="intra-op threads (default: all cores)")
     p.add_argument("--temperature", type=float, default=gen.temperature,
@@ -66,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-checksums", action="store_true",
                    help="skip the sha256 check of the artifacts (sizes are still checked)")
     args = p.parse_args(argv)
+    if args.warmup_build:
+        return args
+    if args.image is None:
+        p.error("--image is required")
     if args.prompt is None and not args.chat:
         p.error("--prompt is required (with --chat it may come from stdin instead)")
     return args
@@ -84,14 +103,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     config = GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    options = backend_options("ort", provider=args.provider, threads=args.threads)  # errors before the loads
+    # Bad options, a missing provider or GPU package: errors before anything loads.
+    options = backend_options("ort", provider=args.provider, threads=args.threads, device_id=args.device_id)
+    if args.backend == "tensorrt":
+        from .backends.tensorrt import import_tensorrt
+        import_tensorrt()
+    elif args.provider != "cpu":
+        from .backends.ort import resolve_providers
+        resolve_providers(args.provider)
+    if args.warmup_build:
+        return warmup(args, options, stderr)
     image = load_image(args.image)
     prompts = _prompts(args, stdin, stderr)
     first = args.prompt if args.prompt is not None else next(prompts, None)
     if first is None:
         raise EngineError("--chat without --prompt needs the first question on stdin")
-    with Pipeline(args.engine, options.provider, options.threads,
-                  verify_checksums=not args.skip_checksums) as pipe:
+    with _pipeline(args, options) as pipe:
         chat = pipe.conversation(image, raw=args.raw, config=config)
         _turn(args, pipe, chat, first, stdout, stderr)
         if args.save_selection is not None:
@@ -101,6 +128,23 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO)
         if args.chat:
             for prompt in prompts:
                 _turn(args, pipe, chat, prompt, stdout, stderr)
+    return 0
+
+
+def _pipeline(args: argparse.Namespace, options: OrtOptions) -> Pipeline:
+    return Pipeline(args.engine, options.provider, options.threads, verify_checksums=not args.skip_checksums,
+                    backend=args.backend, device_id=args.device_id, trt_cache=args.trt_cache)
+
+
+def warmup(args: argparse.Namespace, options: OrtOptions, stderr: TextIO) -> int:
+    """Load and run each graph once: what a first start on a new GPU spends building engines."""
+    where = "native plans" if args.backend == "tensorrt" else f"provider {options.provider}"
+    note = "; a first start on this GPU builds TensorRT engines: minutes" if options.provider == "tensorrt" else ""
+    print(f"warming up {args.engine} ({where}){note}", file=stderr, flush=True)
+    t0 = time.perf_counter()
+    with _pipeline(args, options) as pipe:
+        pipe.warmup(lambda line: print(f"  {line}", file=stderr, flush=True))
+    print(f"ready in {time.perf_counter() - t0:.1f} s", file=stderr, flush=True)
     return 0
 
 

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import platform
 import re
 import types
@@ -47,6 +48,8 @@ BATCH, TEXT_LEN, SEQ, PAST, TOTAL = "batch", "text_len", "seq", "past", "total"
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 NEW_KEY, NEW_VALUE = "new_key_values.%d.key", "new_key_values.%d.value"
 PIL_RESAMPLING = (0, 1, 2, 3, 4, 5)  # NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
+# Serving limits of a folder whose manifest declares none (export/build.py writes them).
+DEFAULT_MAX_BATCH, DEFAULT_MAX_TEXT_LEN = 8, 512
 
 
 # -- field constraints, read from the annotations by the parser below
@@ -279,6 +282,66 @@ class PromptTemplate(Section):
 
 
 @dataclass(frozen=True)
+class Limits(Section):
+    """The largest shapes the engine serves: TensorRT's optimisation profiles end there, the runtime refuses beyond."""
+
+    max_batch: Annotated[int, Range(1, 1024)]  # rows of one ask_batch
+    max_positions: Count  # prompt + answer, image tokens included, per row
+    max_text_len: Count  # prompt tokens a text-aware vision graph reads
+
+    def __post_init__(self):
+        if self.max_text_len > self.max_positions:
+            raise ValueError(f"max_text_len {self.max_text_len} exceeds max_positions {self.max_positions}")
+
+
+Extent = Annotated[int, Range(0, 1 << 24)]  # a profile's dims: 0 is an empty past (TensorRT takes empty tensors)
+
+
+@dataclass(frozen=True)
+class ShapeRange(Section):
+    """One input's TensorRT optimisation-profile shapes: valid from `min` to `max`, tuned for `opt`."""
+
+    min: tuple[Extent, ...]
+    opt: tuple[Extent, ...]
+    max: tuple[Extent, ...]
+
+    def __post_init__(self):
+        if not len(self.min) == len(self.opt) == len(self.max):
+            raise ValueError("min, opt and max must have the same rank")
+        if not all(lo <= mid <= hi for lo, mid, hi in zip(self.min, self.opt, self.max)):
+            raise ValueError(f"needs min <= opt <= max on every axis, got {list(self.min)} / "
+                             f"{list(self.opt)} / {list(self.max)}")
+
+
+Profile = Mapping[str, ShapeRange]  # input name -> its shapes, for every input with a symbolic axis
+
+
+@dataclass(frozen=True)
+class Plan(Section):
+    """A serialized TensorRT engine built from one of the folder's ONNX graphs."""
+
+    file: FileName
+    onnx: FileName
+    profiles: tuple[Profile, ...]  # profile i = the plan's optimisation profile i
+
+    def __post_init__(self):
+        if not self.profiles:
+            raise ValueError("needs at least one optimisation profile")
+
+
+@dataclass(frozen=True)
+class TensorRTInfo(Section):
+    """What sparsezip-build-trt built, and under which TensorRT and GPU: a plan runs only there."""
+
+    version: Annotated[str, Matches(r"\d+(\.\d+)*\S*", "a version")]
+    gpu: Annotated[str, Matches(r".+", "a GPU name")]
+    compute_capability: Annotated[str, Matches(r"\d+\.\d+", "a compute capability such as 8.7")]
+    plans: Mapping[str, Plan]  # graph name ("vision", "llm") -> its plan
+    limits: Limits  # what the profiles span
+    build_seconds: Annotated[float, Range(0, None)] = 0.0
+
+
+@dataclass(frozen=True)
 class Manifest(Section):
     """The whole file, parsed. `source`, `method`, `calibration` are free-form records."""
 
@@ -296,10 +359,19 @@ class Manifest(Section):
     calibration: Mapping[str, Any]
     tools: Mapping[str, str]
     artifacts: Mapping[str, Artifact]
+    limits: Limits | None = None  # None (folders built before it): derived, see `serving_limits`
+    tensorrt: TensorRTInfo | None = None  # written by sparsezip-build-trt on the target device
 
     @property
     def method_name(self) -> str:
         return self.method["method"]
+
+    @property
+    def serving_limits(self) -> Limits:
+        if self.limits is not None:
+            return self.limits
+        positions = self.llm.max_position_embeddings
+        return Limits(DEFAULT_MAX_BATCH, positions, min(positions, DEFAULT_MAX_TEXT_LEN))
 
     def __post_init__(self):
         _check_consistency(self)
@@ -331,6 +403,16 @@ def _check_consistency(m: Manifest) -> None:
                          f"{m.llm.hidden_size} (the projector is fused)")
     _check_vision_graph(m.graphs["vision"], m.vision)
     _check_llm_graph(m.graphs["llm"], m.llm)
+    if m.limits is not None and m.limits.max_positions > m.llm.max_position_embeddings:
+        raise ValueError(f"limits.max_positions {m.limits.max_positions} exceeds the LLM's "
+                         f"max_position_embeddings {m.llm.max_position_embeddings}")
+    if m.tensorrt is not None:
+        for graph, plan in m.tensorrt.plans.items():
+            if graph not in m.graphs or m.graphs[graph].file != plan.onnx:
+                raise ValueError(f"tensorrt.plans.{graph}: built from {plan.onnx}, which is not a graph "
+                                 "of this folder")
+            if plan.file not in m.artifacts:
+                raise ValueError(f"artifacts: does not list the plan {plan.file}")
 
 
 def _check_vision_graph(g: GraphSpec, v: VisionInfo) -> None:
@@ -405,11 +487,16 @@ def read_manifest(folder: Path) -> Manifest:
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> Path:
-    """Write `manifest` after reading it back through the checks: a build never writes what cannot be read."""
+    """Write `manifest` after reading it back through the checks: a build never writes what cannot be read.
+
+    Atomic (a sibling file renamed over it): a kill leaves the old manifest or the new one, never half.
+    """
     data = manifest.to_dict()
     Manifest.from_dict(json.loads(json.dumps(data)))
     path = folder / MANIFEST
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    partial = folder / f".{MANIFEST}.partial"
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(partial, path)
     return path
 
 
@@ -447,6 +534,10 @@ def _parse(hint, value, where: str):
         return value
     if dataclasses.is_dataclass(hint):
         return _parse_dataclass(hint, value, where)
+    if hint is type(None):
+        if value is not None:
+            raise _error(where, f"expected null, got {_kind(value)}")
+        return None
     if hint is Any:
         return value
     if hint in (bool, int, float, str):

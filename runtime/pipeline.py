@@ -29,12 +29,14 @@ import numpy as np
 from PIL import Image
 
 from .backends import backend_options, open_backend
+from .backends.base import Backend
 from .engine import EngineFolder, load_engine
 from .errors import EngineError
 from .generate import (GenerationConfig, VisualTokens, embed, encode_images, generate, pad_left, prefill,
                        text_features)
 from .kv_cache import KVCache
 from .preprocess import load_image, preprocess
+from .profiles import tensorrt_ep_options, typical_feeds
 from .prompt import TextStream, check_length, first_turn_ids, load_tokenizer, next_turn_ids
 
 ImageInput = str | PathLike | Image.Image
@@ -88,26 +90,59 @@ def peak_rss_bytes() -> int:
 class Pipeline:
     """An engine folder with its two graphs, tokenizer and embedding table, loaded once.
 
-    `backend` names the runner (runtime/backends: "ort"); `provider` its device
-    (cpu | cuda | tensorrt). The KV cache lives on that device.
+    `backend` names the runner (runtime/backends): "ort" with `provider` cpu |
+    cuda | tensorrt (ONNX Runtime's execution providers), or "tensorrt" (native
+    plans built by sparsezip-build-trt). The KV cache lives on that device.
+    `trt_cache`: where the TensorRT EP keeps its engines (default: a per-GPU
+    folder under the engine's trt_cache/).
     """
 
     def __init__(self, engine_dir: str | PathLike, provider: str = "cpu", threads: int | None = None,
-                 verify_checksums: bool = True, backend: str = "ort"):
+                 verify_checksums: bool = True, backend: str = "ort", device_id: int = 0,
+                 trt_cache: str | PathLike | None = None):
         self.engine: EngineFolder = load_engine(engine_dir, verify_checksums=verify_checksums)
-        llm_options = backend_options(backend, provider=provider, threads=threads)
-        # One vision run per image, then the LLM's: its threads must not spin on after it, nor its
-        # activations stay resident under the LLM's.
-        vision_options = backend_options(backend, provider=provider, threads=threads, spin=False,
-                                         shrink_arena=True)
+        self.limits = self.engine.manifest.serving_limits
+        self.backend_name = backend
         self.tokenizer = load_tokenizer(self.engine)
         self.table = self._load_table()
-        graphs = self.engine.graphs
-        self.vision = open_backend(backend, self.engine.path(graphs["vision"].file), graphs["vision"],
-                                   vision_options)
-        self.llm = open_backend(backend, self.engine.path(graphs["llm"].file), graphs["llm"], llm_options)
+        self.vision = self._open(backend, "vision", provider, threads, device_id, trt_cache)
+        self.llm = self._open(backend, "llm", provider, threads, device_id, trt_cache)
         self.vision.activate()
         self.llm.activate()
+
+    def _open(self, backend: str, graph: str, provider: str, threads: int | None, device_id: int,
+              trt_cache: str | PathLike | None) -> Backend:
+        engine, spec = self.engine, self.engine.graphs[graph]
+        if backend == "tensorrt":
+            built = engine.manifest.tensorrt
+            if built is None or graph not in built.plans:
+                raise EngineError(f"{engine.folder} has no TensorRT plan for {graph}: run sparsezip-build-trt "
+                                  f"{engine.folder} on this device first")
+            options = backend_options(backend, built=built, device_id=device_id)
+            return open_backend(backend, engine.path(built.plans[graph].file), spec, options)
+        extra = {}
+        if graph == "vision":
+            # One vision run per image, then the LLM's: its threads must not spin on after it, nor its
+            # activations stay resident under the LLM's.
+            extra = dict(spin=False, shrink_arena=True)
+        if provider == "tensorrt":
+            extra["provider_options"] = tuple(tensorrt_ep_options(engine, graph, device_id, trt_cache).items())
+        options = backend_options(backend, provider=provider, threads=threads, device_id=device_id, **extra)
+        return open_backend(backend, engine.path(spec.file), spec, options)
+
+    def warmup(self, progress: Callable[[str], None] = lambda line: None) -> dict[str, float]:
+        """Run each graph once at its typical shapes (the TensorRT EP builds or loads its engines here).
+
+        Returns seconds per graph. Zeros as input: only the shapes matter.
+        """
+        seconds = {}
+        for name, backend in (("vision", self.vision), ("llm", self.llm)):
+            progress(f"{name}: first run ({backend.path.name})")
+            t0 = time.perf_counter()
+            backend.run(typical_feeds(self.engine, name))
+            seconds[name] = time.perf_counter() - t0
+            progress(f"{name}: ready in {seconds[name]:.1f} s")
+        return seconds
 
     def _load_table(self) -> np.ndarray:
         llm = self.engine.llm
@@ -140,6 +175,9 @@ class Pipeline:
         if len(images) != len(prompts) or not images:
             raise EngineError(f"a batch needs one prompt per image, got {len(images)} images and "
                               f"{len(prompts)} prompts")
+        if len(images) > self.limits.max_batch:
+            raise EngineError(f"a batch of {len(images)} exceeds the engine's max_batch {self.limits.max_batch} "
+                              "(export/build.py --max-batch)")
         return Batch(self, images, raw, config).ask(prompts, max_new_tokens, on_text)
 
     def close(self) -> None:
@@ -194,11 +232,13 @@ class Batch:
         pipe, engine = self.pipe, self.pipe.engine
         ids = [first_turn_ids(pipe.tokenizer, engine.prompt, engine.tokens, p, self.raw) for p in prompts]
         t0 = time.perf_counter()
+        if engine.vision.text_aware and (longest := max(len(i.text_ids) for i in ids)) > pipe.limits.max_text_len:
+            raise EngineError(f"a prompt of {longest} words exceeds the engine's max_text_len "
+                              f"{pipe.limits.max_text_len} (export/build.py --max-text-len)")
         text = text_features(pipe.table, [i.text_ids for i in ids]) if engine.vision.text_aware else None
         self.visual = encode_images(pipe.vision, self.pixel_values, text)
         for row, visual in zip(ids, self.visual):
-            check_length(0, row.text_tokens, len(visual.tokens), config.max_new_tokens,
-                         engine.llm.max_position_embeddings)
+            check_length(0, row.text_tokens, len(visual.tokens), config.max_new_tokens, pipe.limits.max_positions)
         dtype = engine.llm.np_dtype
         # Each row [before | its visual tokens | after] -> embeds [B, T, D], left-padded
         rows = [np.concatenate([embed(pipe.table, i.before), v.tokens.astype(dtype), embed(pipe.table, i.after)])
@@ -219,7 +259,7 @@ class Batch:
                for pending, p in zip(self.pending, prompts)]
         for row, row_ids in enumerate(ids):
             check_length(int(cache.input_pos[row]), len(row_ids), 0, config.max_new_tokens,
-                         engine.llm.max_position_embeddings)
+                         pipe.limits.max_positions)
         embeds, mask = pad_left([embed(pipe.table, row_ids) for row_ids in ids])
         cache.reserve(cache.length + embeds.shape[1] + config.max_new_tokens)
         t1 = time.perf_counter()

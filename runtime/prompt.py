@@ -77,12 +77,12 @@ def next_turn_ids(tokenizer: Tokenizer, template: PromptTemplate, prompt: str) -
 
 
 def check_length(past: int, new_text: int, visual: int, max_new_tokens: int, max_positions: int) -> None:
-    """Positions used by the cache so far + this turn's prompt + its answer must fit the model."""
+    """Positions used by the cache so far + this turn's prompt + its answer must fit the engine's limit."""
     total = past + new_text + visual + max_new_tokens
     if total > max_positions:
         parts = [f"{new_text} text", f"{visual} visual"] + ([f"{past} earlier"] if past else [])
         raise EngineError(f"prompt of {past + new_text + visual} tokens ({' + '.join(parts)}) + "
-                          f"{max_new_tokens} new tokens = {total} exceeds max_position_embeddings {max_positions}")
+                          f"{max_new_tokens} new tokens = {total} exceeds the engine's max_positions {max_positions}")
 
 
 class TextStream:

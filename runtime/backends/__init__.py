@@ -2,9 +2,10 @@
 
     backend = open_backend("ort", path, spec, OrtOptions(provider="cuda"))
 
-`ort` is ONNX Runtime with provider cpu | cuda | tensorrt. A native TensorRT
-backend (plans built on the target device) takes the name `tensorrt`; this
-version has none, and asking for it says so.
+`ort` is ONNX Runtime with provider cpu | cuda | tensorrt (its execution
+providers). `tensorrt` is native TensorRT: plans built on the target device by
+sparsezip-build-trt, run through the TensorRT and cuda-python packages, which
+are imported only when it is opened.
 """
 from __future__ import annotations
 
@@ -19,15 +20,13 @@ from .base import Backend
 # name -> (module, class, options class): imported only when that backend is opened.
 BACKENDS: dict[str, tuple[str, str, str]] = {
     "ort": ("ort", "OrtBackend", "OrtOptions"),
+    "tensorrt": ("tensorrt", "TensorRTBackend", "TensorRTOptions"),
 }
-PLANNED = {"tensorrt": "native TensorRT plans (sparsezip-build-trt) are not in this version; "
-                       "use --provider tensorrt for ONNX Runtime's TensorRT execution provider"}
 
 
 def _module(name: str):
     if name not in BACKENDS:
-        hint = PLANNED.get(name, f"choose one of {', '.join(BACKENDS)}")
-        raise EngineError(f"unknown backend {name!r}: {hint}")
+        raise EngineError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
     return importlib.import_module(f"{__name__}.{BACKENDS[name][0]}")
 
 

@@ -36,6 +36,8 @@ PROVIDERS: Mapping[str, tuple[str, ...]] = {
     "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
 }
 DEVICES: Mapping[str, str] = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda"}
+GPU_HINT = ("install onnxruntime-gpu instead of onnxruntime (x86: pip install onnxruntime-gpu tensorrt-cu12; "
+            "Jetson: the onnxruntime-gpu wheel of the Jetson AI Lab index for JetPack 6)")
 # OrtValue.data_type() names of the dtypes the graphs use.
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
                "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
@@ -54,8 +56,13 @@ class OrtOptions:
     # vision graph), whose activations would otherwise stay resident under the LLM's.
     shrink_arena: bool = False
     profile_prefix: str | None = None  # ORT's per-node profile, written on close (benchmarks)
+    device_id: int = 0  # the GPU of the cuda and tensorrt providers
+    # Options of the first provider (the TensorRT EP's profiles and caches: runtime/profiles.py), as pairs.
+    provider_options: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
+        if self.device_id < 0:
+            raise EngineError(f"device_id must be >= 0, got {self.device_id}")
         if self.provider not in PROVIDERS:
             raise EngineError(f"unknown provider {self.provider!r}; choose one of {', '.join(PROVIDERS)}")
         if self.threads is not None and self.threads < 1:
@@ -69,8 +76,8 @@ def resolve_providers(provider: str, available: list[str] | None = None) -> list
     available = list(ort.get_available_providers() if available is None else available)
     wanted = PROVIDERS[provider]
     if wanted[0] not in available:
-        raise EngineError(f"provider {provider} needs {wanted[0]}, which this onnxruntime build lacks; "
-                          f"available: {', '.join(available)}")
+        raise EngineError(f"provider {provider} needs {wanted[0]}, which this onnxruntime build lacks "
+                          f"(available: {', '.join(available)}); {GPU_HINT}")
     return [p for p in wanted if p in available]
 
 
@@ -101,6 +108,7 @@ class OrtBackend(Backend):
         self.options, self.model = options, model
         self.providers = resolve_providers(options.provider)
         self.device = DEVICES[options.provider]
+        self.device_id = options.device_id if self.device == "cuda" else 0
         self.session: ort.InferenceSession | None = None
         self._output_names: list[str] = []
         self._run_options = ort.RunOptions()
@@ -135,10 +143,23 @@ class OrtBackend(Backend):
             so.profile_file_prefix = self.options.profile_prefix
         try:
             return ort.InferenceSession(self.model if self.model is not None else str(self.path),
-                                        sess_options=so, providers=self.providers)
+                                        sess_options=so, providers=self._provider_list())
         except Exception as e:  # ORT raises its own pybind types (Fail, InvalidProtobuf, ...)
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise EngineError(f"cannot load {self.path}: {first_line}") from None
+
+    def _provider_list(self) -> list:
+        """(name, options) pairs: the GPU providers get the device id, the first one its own options too."""
+        listed = []
+        for i, name in enumerate(self.providers):
+            if name == "CPUExecutionProvider":
+                listed.append(name)
+                continue
+            options = {"device_id": str(self.options.device_id)}
+            if i == 0:
+                options.update(self.options.provider_options)
+            listed.append((name, options))
+        return listed
 
     def end_profiling(self) -> str:
         """The profile's path (only with `profile_prefix`)."""

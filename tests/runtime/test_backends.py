@@ -1,6 +1,8 @@
 """runtime/backends: the registry, the feed checks of the base class, the ORT backend's providers and device tensors."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -69,7 +71,10 @@ def test_unavailable_provider_names_the_available_ones():
     with pytest.raises(EngineError) as info:
         resolve_providers("cuda", available=["AzureExecutionProvider", "CPUExecutionProvider"])
     assert str(info.value) == ("provider cuda needs CUDAExecutionProvider, which this onnxruntime build "
-                               "lacks; available: AzureExecutionProvider, CPUExecutionProvider")
+                               "lacks (available: AzureExecutionProvider, CPUExecutionProvider); install "
+                               "onnxruntime-gpu instead of onnxruntime (x86: pip install onnxruntime-gpu "
+                               "tensorrt-cu12; Jetson: the onnxruntime-gpu wheel of the Jetson AI Lab index "
+                               "for JetPack 6)")
 
 
 def test_provider_fallbacks():
@@ -111,12 +116,15 @@ def test_ort_backend_unloadable_file_is_one_line(tmp_path):
     assert str(info.value).startswith(f"cannot load {path}") and "\n" not in str(info.value)
 
 
-def test_backends_are_opened_by_name(add_onnx):
+def test_backends_are_opened_by_name(add_onnx, monkeypatch):
     with open_backend("ort", add_onnx, SPEC, backend_options("ort", threads=1)) as backend:
         assert isinstance(backend, OrtBackend) and backend.device == "cpu"
-    with pytest.raises(EngineError, match="unknown backend 'tensorrt': native TensorRT plans"):
-        open_backend("tensorrt", add_onnx, SPEC)
-    with pytest.raises(EngineError, match="unknown backend 'tvm': choose one of ort"):
+    native = open_backend("tensorrt", add_onnx, SPEC)  # cheap: TensorRT is imported on activate
+    assert native.device == "cuda"
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(EngineError, match="the tensorrt backend needs the TensorRT Python package: x86: pip"):
+        native.activate()
+    with pytest.raises(EngineError, match="unknown backend 'tvm': choose one of ort, tensorrt"):
         backend_options("tvm")
 
 

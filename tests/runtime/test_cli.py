@@ -141,7 +141,7 @@ ERRORS = {
     "bomb": ({"--image": "bomb"}, [], "decompression bomb"),
     "raw without image": ({"--prompt": "no picture"}, ["--raw"], "--raw prompt has no <image>"),
     "raw with two images": ({"--prompt": "<image> <image>"}, ["--raw"], "--raw prompt has 2 <image>"),
-    "too long": ({"--max-new-tokens": "1900"}, [], "exceeds max_position_embeddings 2048"),
+    "too long": ({"--max-new-tokens": "1900"}, [], "exceeds the engine's max_positions 2048"),
     "unavailable provider": ({"--provider": "cuda"}, [], "available: "),
     "unknown provider": ({"--provider": "rocm"}, [], "invalid choice: 'rocm'"),
     "bad temperature": ({"--temperature": "-1"}, [], "temperature must be >= 0"),

@@ -108,7 +108,7 @@ def test_chat_turn_equals_one_prefill_of_the_whole_conversation(pipe_sz, shapes_
 
 
 def test_too_long_is_an_engine_error(pipe_none, shapes_png):
-    with pytest.raises(EngineError, match=r"\+ 1500 new tokens = \d+ exceeds max_position_embeddings 2048"):
+    with pytest.raises(EngineError, match=r"\+ 1500 new tokens = \d+ exceeds the engine's max_positions 2048"):
         pipe_none.ask(shapes_png, QUESTION, 1500)
 
 

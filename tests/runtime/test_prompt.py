@@ -68,7 +68,7 @@ def test_too_long_names_the_numbers():
     with pytest.raises(EngineError) as info:
         check_length(0, 20, 576, 65, 660)
     assert str(info.value) == ("prompt of 596 tokens (20 text + 576 visual) + 65 new tokens = 661 "
-                               "exceeds max_position_embeddings 660")
+                               "exceeds the engine's max_positions 660")
     with pytest.raises(EngineError, match=r"\(12 text \+ 0 visual \+ 640 earlier\)"):
         check_length(640, 12, 0, 10, 660)
 
