@@ -117,3 +117,19 @@ def test_batch_answers_together_what_it_answers_alone(latency, tmp_path):
     assert summary["batch_tokens_per_s"] > 0 and summary["sequential_tokens_per_s"] > 0
     assert len(summary["prompt_tokens"]) == 3 and report["conditions"]["bandwidth"]["median_gb_s"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_gpu_measures_what_runs_and_skips_the_rest_with_the_reason(latency, tmp_path):
+    work, _ = latency
+    out = tmp_path / "gpu.json"
+    engines = [str(work / "engines" / f"tiny-{m}") for m in METHODS]
+    stdout = run("gpu.py", "--engines", *engines, "--runners", "cpu", "cuda", "tensorrt", "--reps", "1",
+                 "--warmup", "0", "--new-tokens", "3", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert set(report["rows"]) == {f"tiny-{m} / cpu" for m in METHODS}
+    for row in report["rows"].values():
+        assert row["ttft_ms"] > 0 and row["ttft_speedup"] > 0 and row["reps"] == 1
+    assert report["rows"]["tiny-sparsezip-64-text / cpu"]["visual_tokens_kept"] == 64
+    if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
+        assert "onnxruntime-gpu" in report["skipped"]["tiny-none / cuda"]
+    assert "| tiny-none | cpu |" in stdout
