@@ -110,15 +110,21 @@ def method_config(args: argparse.Namespace) -> MethodConfig:
     return config
 
 
-def serving_limits(args: argparse.Namespace, max_position_embeddings: int) -> Limits:
-    positions = max_position_embeddings if args.max_positions is None else args.max_positions
-    if not 2 <= positions <= max_position_embeddings:
-        raise ExportError(f"--max-positions must be in [2, {max_position_embeddings}] (the LLM's "
-                          f"max_position_embeddings), got {positions}")
+def check_limit_options(args: argparse.Namespace) -> None:
+    """What can be checked before the model loads; --max-positions against the model, after."""
     if not 1 <= args.max_batch <= 1024:
         raise ExportError(f"--max-batch must be in [1, 1024], got {args.max_batch}")
     if args.max_text_len < 1:
         raise ExportError(f"--max-text-len must be >= 1, got {args.max_text_len}")
+    if args.max_positions is not None and args.max_positions < 2:
+        raise ExportError(f"--max-positions must be >= 2, got {args.max_positions}")
+
+
+def serving_limits(args: argparse.Namespace, max_position_embeddings: int) -> Limits:
+    positions = max_position_embeddings if args.max_positions is None else args.max_positions
+    if positions > max_position_embeddings:
+        raise ExportError(f"--max-positions {positions} exceeds the LLM's max_position_embeddings "
+                          f"{max_position_embeddings}")
     return Limits(args.max_batch, positions, min(args.max_text_len, positions))
 
 
@@ -137,6 +143,7 @@ class Progress:
 
 def build(args: argparse.Namespace) -> Path:
     config = method_config(args)
+    check_limit_options(args)
     if args.calib_count < 1:
         raise ExportError(f"--calib-count must be >= 1, got {args.calib_count}")
     if args.calib_images is not None and not _calibrating(args):

@@ -68,6 +68,23 @@ def test_invalid_config_is_an_error(tiny_dir, tmp_path, capsys):
     assert "exceeds the 576 patches" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--max-positions", "5000", "--max-positions 5000 exceeds the LLM's max_position_embeddings 2048"),
+    ("--max-positions", "1", "--max-positions must be >= 2, got 1"),
+    ("--max-batch", "0", "--max-batch must be in [1, 1024], got 0"),
+    ("--max-text-len", "0", "--max-text-len must be >= 1, got 0"),
+])
+def test_serving_limits_are_checked(tiny_dir, tmp_path, capsys, option, value, message):
+    assert build.main(["--model", str(tiny_dir), "--method", "none", option, value, "--out", str(tmp_path / "e")]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: {message}"
+    assert not (tmp_path / "e").exists()
+
+
+def test_serving_limits_reach_the_manifest(engine):
+    limits = json.loads((engine / "manifest.json").read_text())["limits"]
+    assert limits == {"max_batch": 8, "max_positions": 2048, "max_text_len": 512}
+
+
 def test_failed_build_leaves_nothing_behind(tiny_dir, tmp_path, monkeypatch):
     from sparsezip_deploy.export import vision
 
