@@ -148,8 +148,11 @@ class TensorRTBackend(Backend):
         self._ranges = [{n: tuple(tuple(s) for s in self.engine.get_tensor_profile_shape(n, p)) for n in dynamic}
                         for p in range(self.engine.num_optimization_profiles)]
         self._contexts = []
+        # Each context stays on its profile: memory for that profile's shapes, not the largest of all.
+        strategy = getattr(getattr(trt, "ExecutionContextAllocationStrategy", None), "ON_PROFILE_CHANGE", None)
         for p in range(self.engine.num_optimization_profiles):
-            context = self.engine.create_execution_context()
+            context = (self.engine.create_execution_context() if strategy is None
+                       else self.engine.create_execution_context(strategy))
             if not context.set_optimization_profile_async(p, self.stream):
                 raise EngineError(f"{self.path.name}: cannot select optimisation profile {p}")
             self._contexts.append(context)

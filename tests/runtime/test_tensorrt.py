@@ -2,7 +2,10 @@
 build's manifest update against a fake `tensorrt`), and a parity run that needs one and skips without it."""
 from __future__ import annotations
 
+import contextlib
 import enum
+import io
+import json
 import shutil
 import sys
 import types
@@ -19,11 +22,7 @@ from sparsezip_deploy.runtime.manifest import read_manifest
 from sparsezip_deploy.runtime.pipeline import Pipeline
 from sparsezip_deploy.runtime.profiles import graph_profiles
 
-# NetworkDefinitionCreationFlag as each version's Python API documents it (names; the numbers differ).
-FLAGS_10_3 = enum.IntEnum("NetworkDefinitionCreationFlag", {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1})
-FLAGS_11 = enum.IntEnum("NetworkDefinitionCreationFlag",
-                        {"STRONGLY_TYPED": 0, "PREFER_AOT_PYTHON_PLUGINS": 1, "PREFER_JIT_PYTHON_PLUGINS": 2})
-
+from .fake_tensorrt import FLAGS_10_3, FLAGS_11, FakeTensorRT, fake_cuda
 
 def _trt(version: str, flags=FLAGS_10_3):
     return types.SimpleNamespace(__version__=version, NetworkDefinitionCreationFlag=flags)
@@ -94,62 +93,6 @@ def test_pipeline_without_plans_says_how_to_build_them(engine_none):
         Pipeline(engine_none, backend="tensorrt")
 
 
-class FakeTensorRT(types.ModuleType):
-    """The builder API surface sparsezip-build-trt uses, recording what it is asked; the 'plan' names its ONNX."""
-
-    def __init__(self, fail_on: str | None = None):
-        super().__init__("tensorrt")
-        self.__version__, self.NetworkDefinitionCreationFlag = "10.3.0", FLAGS_10_3
-        self.calls, fake = [], self
-        self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda s, severity: None})
-        self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
-
-        class Network:
-            def __init__(self, flags):
-                fake.calls.append(("create_network", flags))
-
-        class Parser:
-            num_errors = 1
-
-            def __init__(self, network, logger):
-                pass
-
-            def parse_from_file(self, path):
-                fake.calls.append(("parse", path.rsplit("/", 1)[-1]))
-                return fail_on is None or not path.endswith(fail_on)
-
-            def get_error(self, i):
-                return "In node 12 (TopK): K exceeds 3840"
-
-        class Profile(dict):
-            def set_shape(self, name, lo, opt, hi):
-                self[name] = (lo, opt, hi)
-
-        class Config:
-            def __init__(self):
-                self.profiles = []
-
-            def set_memory_pool_limit(self, pool, size):
-                fake.calls.append(("workspace", size))
-
-            def add_optimization_profile(self, profile):
-                self.profiles.append(profile)
-
-        class Builder:
-            def __init__(self, logger):
-                pass
-
-            create_network = staticmethod(Network)
-            create_builder_config = staticmethod(Config)
-            create_optimization_profile = staticmethod(Profile)
-
-            def build_serialized_network(self, network, config):
-                fake.calls.append(("build", [dict(p) for p in config.profiles]))
-                return f"plan {len(fake.calls)}".encode()
-
-        self.Builder, self.OnnxParser = Builder, Parser
-
-
 @pytest.fixture
 def folder(engine_sparsezip, tmp_path, monkeypatch):
     monkeypatch.setattr(build_trt, "gpu_info", lambda device_id=0: Gpu("Fake GPU", "8.7"))
@@ -175,7 +118,8 @@ def test_build_trt_records_plans_and_facts(folder, monkeypatch, capsys):
     assert ("create_network", 2) in fake.calls and ("workspace", 2**29) in fake.calls
     load_engine(folder)  # plans listed as artifacts, checksums right
     first = {p.file for p in info.plans.values()}
-    assert all((folder / f).read_bytes().startswith(b"plan ") for f in first)
+    assert [json.loads((folder / f).read_bytes())["onnx"] for f in sorted(first)] == \
+        [str(folder / "llm.onnx"), str(folder / "vision.onnx")]
     assert f"sparsezip-run --engine {folder} --backend tensorrt" in capsys.readouterr().out
 
     # A rebuild replaces the plans: the old ones go once the new manifest is in place.
@@ -215,3 +159,42 @@ def test_native_plans_answer_like_onnx_runtime(engine_sparsezip, tmp_path, shape
         want = cpu.ask(shapes_png, "What is in the picture?", max_new_tokens=16)
         got = gpu.ask(shapes_png, "What is in the picture?", max_new_tokens=16)
     assert got.token_ids == want.token_ids
+
+
+@pytest.fixture
+def native(folder, monkeypatch):
+    """The folder with plans from the fake builder, and the fake TensorRT + CUDA in place for running them."""
+    fake = FakeTensorRT()
+    monkeypatch.setattr(build_trt, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
+    fake_cuda(monkeypatch)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert build_trt.main([str(folder)]) == 0
+    return folder
+
+
+def test_native_backend_glue_answers_like_onnx_runtime(native, shapes_png):
+    """Staging, addresses, the KV views bound in place and the profile choice, end to end (fake TensorRT)."""
+    with Pipeline(native) as cpu, Pipeline(native, backend="tensorrt") as gpu:
+        assert gpu.llm.device == "cuda"
+        prompt = "What is in the picture?"
+        want, got = cpu.conversation(shapes_png), gpu.conversation(shapes_png)
+        steps = 0  # decode calls: every answer token but the last is fed back
+        for question in (prompt, "And what colour is it?"):  # a follow-up prefills after the past
+            a, b = want.ask(question, max_new_tokens=6), got.ask(question, max_new_tokens=6)
+            assert b.token_ids == a.token_ids and b.kept_index == a.kept_index
+            steps += len(b.token_ids) - 1
+        questions = [prompt, "How many shapes?"]
+        rows = gpu.ask_batch([shapes_png, shapes_png], questions, max_new_tokens=5)
+        alone = cpu.ask_batch([shapes_png, shapes_png], questions, max_new_tokens=5)
+        assert [r.token_ids for r in rows] == [r.token_ids for r in alone]
+        steps += max(len(r.token_ids) for r in rows) - 1
+        prefill_context, decode_context = gpu.llm._contexts
+        assert (prefill_context.executed, decode_context.executed) == (3, steps)
+
+
+def test_a_plan_from_another_gpu_is_refused_on_load(native, monkeypatch):
+    fake_cuda(monkeypatch, Gpu("NVIDIA GeForce RTX 4090", "8.9"))
+    with pytest.raises(EngineError, match=r"built with TensorRT 10.3.0 on Fake GPU \(compute 8.7\); this is "
+                                          r"TensorRT 10.3.0 on NVIDIA GeForce RTX 4090 \(compute 8.9\)"):
+        Pipeline(native, backend="tensorrt")
