@@ -72,7 +72,9 @@ from .graph import Linears, find_linears
 from .reader import VisionCalibrationReader, empty_text
 
 TARGETS = ("cpu", "tensorrt")
-MODELOPT_HINT = "pip install 'nvidia-modelopt[onnx]'"
+# Not nvidia-modelopt[onnx]: that extra pins an older onnx and onnxruntime-gpu, which replace a CPU
+# install's; its int8 path needs only these (the `test` extra in pyproject.toml installs them).
+MODELOPT_HINT = "pip install nvidia-modelopt onnx-graphsurgeon onnxslim lief"
 
 
 @dataclass(frozen=True)
