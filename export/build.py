@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsezip_deploy.export.errors import ExportError
+from sparsezip_deploy.export.tensorrt_lint import TARGETS as LINT_TARGETS
 from sparsezip_deploy.runtime.errors import UserError
 from sparsezip_deploy.runtime.manifest import (DEFAULT_MAX_BATCH, DEFAULT_MAX_TEXT_LEN, FORMAT_VERSION,
                                                TOKENIZER, Limits, LlmInfo, Manifest, PromptTemplate, TokenIds,
@@ -58,6 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="replace an existing engine folder")
     p.add_argument("--llm-dtype", default="float32", choices=["float32", "float16"],
                    help="precision of llm.onnx and the embedding table")
+    p.add_argument("--vision-dtype", default="float32", choices=["float32", "float16"],
+                   help="precision of the CLIP tower and projector in vision.onnx; the token selection "
+                        "and the graph's inputs and outputs stay float32")
+    p.add_argument("--target", default=None, choices=list(LINT_TARGETS),
+                   help="fail the build if TensorRT's ONNX parser of this version would refuse a node "
+                        "(export/tensorrt_lint.py; runs on the CPU)")
     limits = p.add_argument_group(
         "serving limits", "the largest shapes the engine serves: TensorRT's optimisation profiles end there "
                           "and the runtime refuses beyond them")
@@ -148,7 +155,10 @@ def build(args: argparse.Namespace) -> Path:
         raise ExportError(f"--calib-count must be >= 1, got {args.calib_count}")
     if args.calib_images is not None and not _calibrating(args):
         raise ExportError("--calib-images is used by --vision-int8 and --target-mean-k; neither was given")
-    optional = (args.vision_int8 is not None) + (args.target_mean_k is not None) + (args.llm_quant != "none")
+    if args.vision_int8 is not None and args.vision_dtype != "float32":
+        raise ExportError("--vision-int8 quantises a float32 vision graph: drop --vision-dtype")
+    optional = (args.vision_int8 is not None) + (args.target_mean_k is not None) + (args.llm_quant != "none") \
+        + (args.target is not None)
     progress = Progress(7 + optional + _calibrating(args))
     progress(f"loading model {args.model}")
     from sparsezip_deploy.export.llm import DecoderGraph
@@ -156,7 +166,7 @@ def build(args: argparse.Namespace) -> Path:
     from sparsezip_deploy.export.vision import VisionGraph
     loaded = load_model(args.model, vision_tower=args.vision_tower)
     try:
-        graph = VisionGraph(loaded.model, config).eval()
+        graph = VisionGraph(loaded.model, config, args.vision_dtype).eval()
     except ValueError as e:
         raise ExportError(str(e)) from None
     decoder = DecoderGraph(loaded.model, args.llm_dtype).eval()
@@ -213,6 +223,10 @@ def _build_into(folder: Path, loaded, graph, decoder, limits: Limits, progress: 
               f"min {record['fidelity']['logits_cosine_min']:.4f}")
         calibration["llm_quant"] = record
         llm_precision = record["precision"]
+    tools = tool_versions()
+    if args.target is not None:
+        _lint(folder, args.target, progress)
+        tools["tensorrt_lint"] = f"{args.target}: no violations"
     progress("writing tokenizer and manifest.json")
     method = graph.method
     if "dynamic_k" in calibration:
@@ -244,10 +258,10 @@ def _build_into(folder: Path, loaded, graph, decoder, limits: Limits, progress: 
                                                    token(loaded.bos_token_id), token(loaded.eos_token_id))),
             chat_template=loaded.chat_template,
             graphs={"vision": vision_io, "llm": llm_io},
-            precision={"vision": calibration.get("vision_int8", {}).get("precision", "float32"),
+            precision={"vision": calibration.get("vision_int8", {}).get("precision", graph.dtype_name),
                        "llm": llm_precision, "embed_tokens": decoder.dtype_name},
             calibration=calibration,
-            tools=tool_versions(),
+            tools=tools,
             artifacts=artifact_entries(folder, files),
             limits=limits,
         )
@@ -293,6 +307,18 @@ def _calibrate_vision(folder: Path, loaded, graph, progress: Progress, args: arg
               f"(std {record['k_std']}, range {record['k_range']})")
         calibration["dynamic_k"] = record
     return calibration
+
+
+def _lint(folder: Path, target: str, progress: Progress) -> None:
+    from sparsezip_deploy.export.tensorrt_lint import check_folder
+
+    progress(f"checking every node against TensorRT {target.removeprefix('tensorrt-')}'s ONNX parser rules")
+    lines = check_folder(folder, target)
+    for line in lines:
+        print(f"      {line}")
+    if lines:
+        raise ExportError(f"{len(lines)} node(s) that TensorRT {target.removeprefix('tensorrt-')} would refuse "
+                          "(listed above)")
 
 
 def _quiet_exporter() -> None:

@@ -40,9 +40,18 @@ def project_text_to_vision(text_embeds: torch.Tensor, linear_1_weight: torch.Ten
     return text_embeds @ (linear_2_weight @ linear_1_weight)
 
 
+def _rank(mask: torch.Tensor) -> torch.Tensor:
+    """[B,P] bool -> [B,P] int64: members before each position, minus one (a member's rank).
+
+    The running count is a float CumSum: TensorRT's parser takes CumSum on floats only
+    (onnx-tensorrt docs/operators.md), and counts up to P < 2^24 are exact in float32.
+    """
+    return mask.to(torch.float32).cumsum(-1).to(torch.int64) - 1
+
+
 def _slot_one_hot(mask: torch.Tensor, n: int) -> torch.Tensor:
     """[B,P] bool -> [B,P,n]: member i of `mask` goes to slot (its rank among members), others nowhere."""
-    pos = mask.to(torch.int64).cumsum(-1) - 1
+    pos = _rank(mask)
     return one_hot(pos, n) * mask.unsqueeze(-1).to(torch.float32)
 
 
@@ -77,7 +86,7 @@ def contextual_targets(remaining: torch.Tensor, m: int) -> torch.Tensor:
     step = max(1, R // m), R = remaining count per image. Returns [B,P,m] one-hot
     (target j in column j).
     """
-    pos = remaining.to(torch.int64).cumsum(-1) - 1
+    pos = _rank(remaining)
     step = (remaining.to(torch.int64).sum(-1, keepdim=True) // m).clamp_min(1)
     slot = pos // step
     is_target = remaining & (slot * step == pos) & (slot < m)

@@ -19,8 +19,23 @@ REPO = Path(__file__).resolve().parents[2]
 def engine(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("engines") / "tiny-sz"
     assert build.main(["--model", str(tiny_dir), "--method", "sparsezip", "--k-max", "40",
-                       "--contextual", "8", "--out", str(out)]) == 0
+                       "--contextual", "8", "--target", "tensorrt-10.3", "--out", str(out)]) == 0
     return out
+
+
+def test_tensorrt_lint_ran_and_passed(engine):
+    assert json.loads((engine / "manifest.json").read_text())["tools"]["tensorrt_lint"] == \
+        "tensorrt-10.3: no violations"
+
+
+def test_tensorrt_lint_fails_the_build_naming_the_nodes(tiny_dir, tmp_path, capsys):
+    assert build.main(["--model", str(tiny_dir), "--method", "none", "--llm-quant", "int4",
+                       "--target", "tensorrt-11", "--out", str(tmp_path / "e")]) == 1
+    out, err = capsys.readouterr()
+    assert "llm.onnx: node" in out and "(MatMulNBits): ORT-only contrib op: build without --llm-quant" in out
+    assert err.splitlines()[-1].startswith("error: ") and err.splitlines()[-1].endswith(
+        "node(s) that TensorRT 11 would refuse (listed above)")
+    assert not (tmp_path / "e").exists() and not list(tmp_path.iterdir())
 
 
 def test_engine_folder_is_complete_and_self_describing(engine):
