@@ -198,3 +198,31 @@ def test_a_plan_from_another_gpu_is_refused_on_load(native, monkeypatch):
     with pytest.raises(EngineError, match=r"built with TensorRT 10.3.0 on Fake GPU \(compute 8.7\); this is "
                                           r"TensorRT 10.3.0 on NVIDIA GeForce RTX 4090 \(compute 8.9\)"):
         Pipeline(native, backend="tensorrt")
+
+
+def test_cuda_python_12_and_13_layouts(monkeypatch):
+    from sparsezip_deploy.runtime import cuda
+
+    old, new = types.ModuleType("cuda.cudart"), types.ModuleType("cuda.bindings.runtime")
+    package = types.ModuleType("cuda")
+    package.__path__ = []
+    monkeypatch.setitem(sys.modules, "cuda", package)
+    try:
+        package.cudart = old  # cuda-python 12 before 12.6: no cuda.bindings
+        monkeypatch.setitem(sys.modules, "cuda.cudart", old)
+        monkeypatch.setitem(sys.modules, "cuda.bindings", None)
+        cuda.cudart.cache_clear()
+        assert cuda.cudart() is old
+        bindings = types.ModuleType("cuda.bindings")  # cuda-python 13 (and 12.6+)
+        bindings.__path__, bindings.runtime = [], new
+        monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+        monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", new)
+        cuda.cudart.cache_clear()
+        assert cuda.cudart() is new
+        monkeypatch.setitem(sys.modules, "cuda", None)
+        monkeypatch.setitem(sys.modules, "cuda.bindings", None)
+        cuda.cudart.cache_clear()
+        with pytest.raises(EngineError, match=r"the CUDA runtime bindings are missing: pip install cuda-python"):
+            cuda.cudart()
+    finally:
+        cuda.cudart.cache_clear()
