@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--llm-dtype", default="float32", choices=["float32", "float16"],
                    help="precision of llm.onnx and the embedding table")
     p.add_argument("--vision-dtype", default="float32", choices=["float32", "float16"],
-                   help="precision of the CLIP tower and projector in vision.onnx; the token selection "
+                   help="precision of the CLIP tower and projector in vision.onnx (float16 is for GPUs: "
+                        "ONNX Runtime CPU runs most of it in float32 between casts); the token selection "
                         "and the graph's inputs and outputs stay float32")
     p.add_argument("--target", default=None, choices=list(LINT_TARGETS),
                    help="fail the build if TensorRT's ONNX parser of this version would refuse a node "

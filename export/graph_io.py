@@ -32,3 +32,14 @@ def vision_io(image_size: int, num_slots: int, out_width: int, text_width: int |
         "kept_index": TensorSpec("int64", (BATCH, num_slots)),
     }
     return GraphSpec("vision.onnx", inputs, outputs)
+
+
+def trunk_io(image_size: int, num_tokens: int, width: int, heads: int, head_dim: int) -> GraphSpec:
+    """The vision tower up to l* alone (export/vision.py Trunk): the features the selection reads, float32."""
+    inputs = {"pixel_values": TensorSpec("float32", (BATCH, 3, image_size, image_size))}
+    outputs = {
+        "hidden_states": TensorSpec("float32", (BATCH, num_tokens, width)),
+        "cls_attn": TensorSpec("float32", (BATCH, heads, num_tokens)),
+        "kmet": TensorSpec("float32", (BATCH, num_tokens, head_dim)),
+    }
+    return GraphSpec("trunk.onnx", inputs, outputs)
