@@ -102,7 +102,6 @@ class Pipeline:
                  trt_cache: str | PathLike | None = None):
         self.engine: EngineFolder = load_engine(engine_dir, verify_checksums=verify_checksums)
         self.limits = self.engine.manifest.serving_limits
-        self.backend_name = backend
         self.tokenizer = load_tokenizer(self.engine)
         self.table = self._load_table()
         self.vision = self._open(backend, "vision", provider, threads, device_id, trt_cache)
@@ -133,7 +132,7 @@ class Pipeline:
     def warmup(self, progress: Callable[[str], None] = lambda line: None) -> dict[str, float]:
         """Run each graph once at its typical shapes (the TensorRT EP builds or loads its engines here).
 
-        Returns seconds per graph. Zeros as input: only the shapes matter.
+        Returns seconds per graph. The feeds are zeros under all-ones masks: only their shapes matter.
         """
         seconds = {}
         for name, backend in (("vision", self.vision), ("llm", self.llm)):
