@@ -6,16 +6,35 @@ optionally quantise them and calibrate the dynamic-K budget (calib/), write the
 embedding table, tokenizer and manifest.json.
 Everything is written into a temporary sibling folder that is renamed into
 place at the end, so an interrupted build never leaves a folder that looks
-complete.
+complete. `--out` is checked before the model loads (minutes for a 7B model).
+
+The siblings of `out` that a build makes, all `.<name>.<8 random chars>.<kind>`:
+
+    .partial  the engine being written, with builder.json (pid, host) while it is;
+              stale once its process is gone (same host) or it is STALE_AFTER old
+    .old      the previous engine, set aside by --force for the two renames
+              (out -> .old, .partial -> out); complete, since it is never written
+    .trash    a .old after the new engine is in place, being deleted
+
+A kill at any point leaves a complete engine at `out`, or none and a `.old`:
+the next build of the same name (`sweep`) puts that `.old` back when `out` is
+missing and deletes it when `out` exists; it deletes `.trash` and stale
+`.partial` folders, and touches nothing else.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import os
+import re
 import shutil
+import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -32,6 +51,10 @@ from sparsezip_deploy.sparsezip.config import CONFIGS, MethodConfig, config_to_d
 
 DEFAULT_MODEL = "shapes"
 DEFAULT_METHOD = "sparsezip"
+# A .partial whose builder cannot be asked (another host, no builder.json) is stale after
+# this long; no build of the tiny-to-7B models here takes close to it.
+STALE_AFTER = 24 * 3600
+BUILDER = "builder.json"
 
 
 def _option(field: str) -> str:
@@ -160,37 +183,173 @@ def build(args: argparse.Namespace) -> Path:
         raise ExportError("--vision-int8 quantises a float32 vision graph: drop --vision-dtype")
     optional = (args.vision_int8 is not None) + (args.target_mean_k is not None) + (args.llm_quant != "none") \
         + (args.target is not None)
-    progress = Progress(7 + optional + _calibrating(args))
-    progress(f"loading model {args.model}")
-    from sparsezip_deploy.export.llm import DecoderGraph
-    from sparsezip_deploy.export.models import load_model
-    from sparsezip_deploy.export.vision import VisionGraph
-    loaded = load_model(args.model, vision_tower=args.vision_tower)
-    try:
-        graph = VisionGraph(loaded.model, config, args.vision_dtype).eval()
-    except ValueError as e:
-        raise ExportError(str(e)) from None
-    decoder = DecoderGraph(loaded.model, args.llm_dtype).eval()
-    limits = serving_limits(args, decoder.max_positions)
-
-    out = args.out or Path("engines") / f"{loaded.source['name']}-{config.method}"
+    out = args.out or Path("engines") / f"{_model_name(args.model)}-{config.method}"
+    check_out(out, _model_folders(args), args.force)
+    for line in sweep(out):
+        print(line)
     if out.exists() and not args.force:
         raise ExportError(f"{out} exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp = make_partial(out)
     try:
+        progress = Progress(7 + optional + _calibrating(args))
+        progress(f"loading model {args.model}")
+        from sparsezip_deploy.export.llm import DecoderGraph
+        from sparsezip_deploy.export.models import load_model
+        from sparsezip_deploy.export.vision import VisionGraph
+        loaded = load_model(args.model, vision_tower=args.vision_tower)
+        try:
+            graph = VisionGraph(loaded.model, config, args.vision_dtype).eval()
+        except ValueError as e:
+            raise ExportError(str(e)) from None
+        decoder = DecoderGraph(loaded.model, args.llm_dtype).eval()
+        limits = serving_limits(args, decoder.max_positions)
         manifest = _build_into(tmp, loaded, graph, decoder, limits, progress, args)
         progress(f"moving into place: {out}")
+        (tmp / BUILDER).unlink()
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide the engine from other users
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        if out.exists() and not args.force:  # another build finished first
+            raise ExportError(f"{out} appeared during the build; pass --force to replace it")
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(f"engine: {out}  method {config.method}, {manifest.vision.num_slots} slots "
           f"of {manifest.vision.num_patches} patches")
     return out
+
+
+def _model_name(spec: str) -> str:
+    """What load_model puts in source["name"], known before loading."""
+    return spec if spec in ("tiny", "shapes") else Path(spec).expanduser().resolve().name
+
+
+def _model_folders(args: argparse.Namespace) -> list[Path]:
+    if args.model == "shapes":
+        from sparsezip_deploy.export.models import SHAPES_MODEL
+        folders = [SHAPES_MODEL]
+    else:
+        folders = [] if args.model == "tiny" else [Path(args.model).expanduser()]
+    return folders + ([Path(args.vision_tower).expanduser()] if args.vision_tower else [])
+
+
+def check_out(out: Path, model_folders: list[Path], force: bool) -> None:
+    """Everything about --out that can fail, checked before the model loads."""
+    where = out.resolve()  # '..' and symlinks, as the kernel will see them
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file, not a folder")
+    for parent in where.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ExportError(f"--out {out}: {parent} is a file, not a folder")
+    for model in model_folders:
+        model = model.resolve()
+        if where == model:
+            raise ExportError(f"--out {out} is the model folder: write the engine elsewhere")
+        if model in where.parents:
+            raise ExportError(f"--out {out} is inside the model folder {model}: write the engine elsewhere")
+        if where in model.parents:
+            raise ExportError(f"--out {out} contains the model folder {model}: write the engine elsewhere")
+    if out.is_dir() and force and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise ExportError(f"--out {out} is a folder but not an engine folder (no manifest.json): --force "
+                          "replaces engine folders only; remove it yourself or choose another --out")
+    existing = next(parent for parent in where.parents if parent.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ExportError(f"--out {out}: cannot write in {existing} (permission denied)")
+
+
+def make_partial(out: Path) -> Path:
+    """The hidden sibling folder the engine is written into, marked with its builder."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as error:
+        raise ExportError(f"--out {out}: cannot create a folder in {out.parent}: {error.strerror}") from None
+    (tmp / BUILDER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    return tmp
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """tmp -> out, replacing an engine folder at out; see the module docstring for the states."""
+    old = tmp.with_suffix(".old")
+    # SIGINT / SIGTERM wait until both renames are done (SIGKILL cannot: the sweep recovers).
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        if out.exists():
+            os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            if old.exists():
+                os.rename(old, out)
+            raise
+        if old.exists():
+            os.rename(old, old.with_suffix(".trash"))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    shutil.rmtree(old.with_suffix(".trash"), ignore_errors=True)
+
+
+def _siblings(out: Path) -> dict[str, list[Path]]:
+    """This engine name's .partial / .old / .trash folders (mkdtemp's random part has no dots)."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}\.(partial|old|trash)")
+    found: dict[str, list[Path]] = {"partial": [], "old": [], "trash": []}
+    if out.parent.is_dir():
+        for path in sorted(out.parent.iterdir()):
+            match = pattern.fullmatch(path.name)
+            if match and path.is_dir() and not path.is_symlink():
+                found[match.group(1)].append(path)
+    return found
+
+
+def _age(path: Path) -> float:
+    return time.time() - path.stat().st_mtime
+
+
+def _describe_age(seconds: float) -> str:
+    for unit, size, from_ in (("days", 86400, 2 * 86400), ("h", 3600, 3600), ("min", 60, 60)):
+        if seconds >= from_:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _builder_gone(partial: Path) -> bool | None:
+    """True: its builder process (on this host) has exited; None: cannot tell."""
+    try:
+        builder = json.loads((partial / BUILDER).read_text(encoding="utf-8"))
+        pid, host = int(builder["pid"]), builder["host"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def sweep(out: Path) -> list[str]:
+    """Clean up after interrupted builds of `out` (see the module docstring); one line per action."""
+    found, lines = _siblings(out), []
+    for old in sorted(found["old"], key=_age):  # newest first: the one to restore
+        age = _describe_age(_age(old))
+        if not out.exists():
+            os.rename(old, out)
+            lines.append(f"restored {out} from {old.name} ({age} old, set aside by an interrupted --force build)")
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+            lines.append(f"removed stale {old.name} ({age} old, the engine an interrupted --force build replaced)")
+    for trash in found["trash"]:
+        age = _describe_age(_age(trash))
+        shutil.rmtree(trash, ignore_errors=True)
+        lines.append(f"removed stale {trash.name} ({age} old, left by an interrupted --force build)")
+    for partial in found["partial"]:
+        age, gone = _age(partial), _builder_gone(partial)
+        if gone or (gone is None and age > STALE_AFTER):
+            shutil.rmtree(partial, ignore_errors=True)
+            lines.append(f"removed stale {partial.name} ({_describe_age(age)} old, left by an interrupted build)")
+    return lines
 
 
 def _build_into(folder: Path, loaded, graph, decoder, limits: Limits, progress: Progress,
@@ -329,9 +488,19 @@ def _quiet_exporter() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the build is, so that its cleanup runs as for Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _quiet_exporter()
+    main_thread = threading.current_thread() is threading.main_thread()  # signal.signal's condition
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         build(args)
     except UserError as e:
@@ -340,6 +509,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; nothing was left behind", file=sys.stderr)
         return 1
+    except Terminated:
+        print("error: terminated (SIGTERM); nothing was left behind", file=sys.stderr)
+        return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
+import pickle
+import struct
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -19,7 +22,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError, safe_open
 from tokenizers import AddedToken, Tokenizer
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.initialization import no_init_weights
@@ -75,6 +79,9 @@ def load_model(spec: str | os.PathLike, vision_tower: str | os.PathLike | None =
             raise ExportError(f"the bundled shapes model is missing ({SHAPES_MODEL}): reinstall the package")
         return _load_llava_hf(SHAPES_MODEL, kind="shapes")
     folder = Path(spec).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ExportError(f"model folder {folder} is a file, not a folder "
+                          "(expected a llava-hf folder, an original LLaVA folder, 'shapes' or 'tiny')")
     if not folder.is_dir():
         raise ExportError(f"model folder {folder} does not exist "
                           "(expected a llava-hf folder, an original LLaVA folder, 'shapes' or 'tiny')")
@@ -89,11 +96,14 @@ def load_model(spec: str | os.PathLike, vision_tower: str | os.PathLike | None =
 
 
 def detect_kind(config: dict[str, Any], folder: Path) -> str:
-    architectures = config.get("architectures") or []
+    architectures = _field(config, "architectures", list, folder / "config.json") or []
+    if not all(isinstance(name, str) for name in architectures):
+        raise ExportError(f"{folder}/config.json: architectures must be a list of class names, "
+                          f"got {architectures!r}")
     # Checked first: liuhaotian's llava-v1.5 configs say model_type "llava" too.
     if "LlavaLlamaForCausalLM" in architectures or "mm_vision_tower" in config:
         return "llava-original"
-    if config.get("model_type") == "llava":
+    if _field(config, "model_type", str, folder / "config.json") == "llava":
         return "llava-hf"
     raise ExportError(
         f"{folder}/config.json is model_type {config.get('model_type')!r}, architectures "
@@ -138,12 +148,18 @@ def _tiny_complete(folder: Path, seed: int) -> bool:
 
 
 def _load_llava_hf(folder: Path, kind: str) -> LoadedModel:
-    raw = _read_json(folder / "config.json", f"{folder} has no config.json")
-    _check_llava15(raw.get("vision_config", {}).get("model_type", "clip_vision_model"),
-                   raw.get("text_config", {}).get("model_type", "llama"),
+    path = folder / "config.json"
+    raw = _read_json(path, f"{folder} has no config.json")
+    vision = _field(raw, "vision_config", dict, path) or {}
+    text = _field(raw, "text_config", dict, path) or {}
+    _check_llava15(vision.get("model_type", "clip_vision_model"), text.get("model_type", "llama"),
                    raw.get("vision_feature_layer", -2), folder)
-    model, info = LlavaForConditionalGeneration.from_pretrained(
-        folder, dtype=torch.float32, local_files_only=True, output_loading_info=True)
+    try:
+        config = LlavaConfig.from_pretrained(folder, local_files_only=True)
+    except (StrictDataclassError, TypeError, ValueError) as error:
+        raise ExportError(f"{path}: invalid settings: {error}") from None
+    _check_weight_files(_weight_files(folder))
+    model, info = _from_pretrained(folder, config)
     bad = sorted(info["missing_keys"]) + sorted(info["unexpected_keys"]) + sorted(
         str(key) for key in info["mismatched_keys"])
     if bad:
@@ -159,9 +175,9 @@ def _load_llava_hf(folder: Path, kind: str) -> LoadedModel:
                           f"{tokenizer.id_to_token(image_token_id)!r} in tokenizer.json, not {IMAGE_TOKEN}")
     bos, eos, pad = _special_ids(folder, tokenizer, config.text_config)
 
-    processor = _image_processor_config(folder)
+    processor, processor_path = _image_processor_config(folder)
     image = _image_preprocess(processor, config.vision_config.image_size,
-                              pad_to_square=bool(processor.get("do_pad", False)), folder=folder)
+                              pad_to_square=bool(processor.get("do_pad", False)), path=processor_path)
     return LoadedModel(
         model=model, tokenizer=tokenizer, image=image, chat_template=_chat_template(folder),
         image_token_id=image_token_id, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
@@ -171,19 +187,39 @@ def _load_llava_hf(folder: Path, kind: str) -> LoadedModel:
     )
 
 
-def _image_processor_config(folder: Path) -> dict[str, Any]:
+def _from_pretrained(folder: Path, config: LlavaConfig) -> tuple[LlavaForConditionalGeneration, dict]:
+    # Mismatched shapes are reported by the caller, as one line, instead of transformers'
+    # multi-line load report and its RuntimeError.
+    chatter = logging.getLogger("transformers")
+    level = chatter.level
+    chatter.setLevel(logging.ERROR)
+    try:
+        return LlavaForConditionalGeneration.from_pretrained(
+            folder, config=config, dtype=torch.float32, local_files_only=True, output_loading_info=True,
+            ignore_mismatched_sizes=True)
+    except pickle.UnpicklingError as error:
+        raise ExportError(_pickle_refused(folder, error)) from None
+    except (OSError, RuntimeError, ValueError, SafetensorError) as error:
+        raise ExportError(f"{folder}: cannot load the weights: {error}") from None
+    finally:
+        chatter.setLevel(level)
+
+
+def _image_processor_config(folder: Path) -> tuple[dict[str, Any], Path]:
+    """The image processor settings and the file they come from."""
     if (folder / "preprocessor_config.json").is_file():
-        return _read_json(folder / "preprocessor_config.json", "")
+        return _read_json(folder / "preprocessor_config.json", ""), folder / "preprocessor_config.json"
     # transformers v5 save_pretrained nests the image processor in processor_config.json.
-    nested = _read_json_if_exists(folder / "processor_config.json").get("image_processor")
+    path = folder / "processor_config.json"
+    nested = _field(_read_json_if_exists(path), "image_processor", dict, path)
     if nested is None:
         raise ExportError(f"{folder} has no preprocessor_config.json")
-    return nested
+    return nested, path
 
 
 def _chat_template(folder: Path) -> str:
     if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        return _read_text(folder / "chat_template.jinja")
     for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
         template = _read_json_if_exists(folder / name).get("chat_template")
         if isinstance(template, str):
@@ -230,7 +266,7 @@ def _load_original(folder: Path, config: dict[str, Any],
     llama.update(vocab_size=padded_vocab, tie_word_embeddings=False)
     try:
         text_config = LlamaConfig(**llama)
-    except (TypeError, ValueError) as error:
+    except (StrictDataclassError, TypeError, ValueError) as error:
         raise ExportError(f"{folder}: invalid Llama settings in config.json: {error}") from None
     bos, eos, pad = _special_ids(folder, tokenizer, text_config)
     text_config.pad_token_id = pad
@@ -251,7 +287,8 @@ def _load_original(folder: Path, config: dict[str, Any],
 
     processor = _read_json_if_exists(vision_dir / "preprocessor_config.json")
     image = _image_preprocess(processor, vision_config.image_size,
-                              pad_to_square=config.get("image_aspect_ratio") == "pad", folder=vision_dir)
+                              pad_to_square=config.get("image_aspect_ratio") == "pad",
+                              path=vision_dir / "preprocessor_config.json")
     return LoadedModel(
         model=model, tokenizer=tokenizer, image=image, chat_template=LLAVA_CHAT_TEMPLATE,
         image_token_id=image_token_id, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
@@ -282,7 +319,7 @@ def _check_original_config(folder: Path, config: dict[str, Any]) -> str:
     if config.get("rope_scaling"):
         raise ExportError(f"{folder}: rope_scaling {config['rope_scaling']} is not supported")
     feature = config.get("mm_vision_select_feature", "patch")
-    if feature not in _SELECT_FEATURE:
+    if not isinstance(feature, str) or feature not in _SELECT_FEATURE:
         raise ExportError(f"{folder}: mm_vision_select_feature {feature!r} is not supported "
                           f"({' or '.join(_SELECT_FEATURE)})")
     return feature
@@ -295,7 +332,7 @@ def _vision_tower_folder(folder: Path, config: dict[str, Any],
         if not vision_dir.is_dir():
             raise ExportError(f"vision tower folder {vision_dir} does not exist")
         return vision_dir
-    named = config.get("mm_vision_tower")
+    named = _field(config, "mm_vision_tower", str, folder / "config.json")
     if named and Path(named).expanduser().is_dir():
         return Path(named).expanduser()
     raise ExportError(f"{folder} names vision tower {named!r}, which is not a local folder: "
@@ -308,7 +345,10 @@ def _clip_vision_config(vision_dir: Path) -> CLIPVisionConfig:
         raise ExportError(f"vision tower {vision_dir} is model_type {raw.get('model_type')!r}; "
                           "only CLIP is supported")
     # Reads the vision half of a full CLIPConfig as well.
-    return CLIPVisionConfig.from_pretrained(vision_dir, local_files_only=True)
+    try:
+        return CLIPVisionConfig.from_pretrained(vision_dir, local_files_only=True)
+    except (StrictDataclassError, TypeError, ValueError) as error:
+        raise ExportError(f"vision tower {vision_dir}/config.json: invalid settings: {error}") from None
 
 
 def _original_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
@@ -330,7 +370,7 @@ def _original_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
     # Original LLaVA marks the image position with id -200 in code; the exported prompt
     # needs a real token, so <image> takes the first free id as in llava-hf (32000).
     tokenizer.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
-    bos = _token_name(_tokenizer_settings(folder).get("bos_token")) or "<s>"
+    bos = _token_name(_tokenizer_settings(folder).get("bos_token"), "bos_token", folder) or "<s>"
     if tokenizer.token_to_id(bos) is None:
         raise ExportError(f"{folder}: bos token {bos!r} is not in the tokenizer")
     # LLaVA-1.5 prompts start with <s> (add_bos_token), whatever tokenizer.json says.
@@ -414,8 +454,19 @@ def _check_llava15(vision_type: str, text_type: str, feature_layer: Any, folder:
 
 
 def _image_preprocess(processor: dict[str, Any], vision_image_size: int, *,
-                      pad_to_square: bool, folder: Path) -> ImageConfig:
-    """From a CLIPImageProcessor config; an empty dict gives the OpenAI CLIP defaults."""
+                      pad_to_square: bool, path: Path) -> ImageConfig:
+    """From a CLIPImageProcessor config (read from `path`); an empty dict gives the OpenAI CLIP defaults."""
+    try:
+        return _image_config(processor, vision_image_size, pad_to_square, path)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:  # a field of the wrong type
+        raise ExportError(f"{path}: invalid image processor settings (size {processor.get('size')!r}, "
+                          f"crop_size {processor.get('crop_size')!r}, image_mean "
+                          f"{processor.get('image_mean')!r}, image_std {processor.get('image_std')!r}): "
+                          f"{type(error).__name__}: {error}") from None
+
+
+def _image_config(processor: dict[str, Any], vision_image_size: int, pad_to_square: bool,
+                  path: Path) -> ImageConfig:
     size = processor.get("size", {"shortest_edge": vision_image_size})
     if isinstance(size, int):
         size = {"shortest_edge": size}
@@ -427,10 +478,10 @@ def _image_preprocess(processor: dict[str, Any], vision_image_size: int, *,
     do_center_crop = bool(processor.get("do_center_crop", True))
     image_size = crop if do_center_crop else shortest
     if shortest is None or image_size is None:
-        raise ExportError(f"{folder}: only square crops / resizes are supported "
+        raise ExportError(f"{path}: only square crops / resizes are supported "
                           f"(size {processor.get('size')}, crop_size {processor.get('crop_size')})")
     if image_size != vision_image_size:
-        raise ExportError(f"{folder}: preprocessing gives {image_size}px images but the vision tower "
+        raise ExportError(f"{path}: preprocessing gives {image_size}px images but the vision tower "
                           f"expects {vision_image_size}px")
     rescale = float(processor.get("rescale_factor", 1 / 255)) if processor.get("do_rescale", True) else 1.0
     mean, std = (0.0,) * 3, (1.0,) * 3
@@ -449,7 +500,7 @@ def _special_ids(folder: Path, tokenizer: Tokenizer, text_config: LlamaConfig) -
     settings = _tokenizer_settings(folder)
 
     def lookup(key: str, fallback: int | None) -> int | None:
-        name = _token_name(settings.get(key))
+        name = _token_name(settings.get(key), key, folder)
         found = tokenizer.token_to_id(name) if name else None
         return found if found is not None else fallback
 
@@ -469,8 +520,12 @@ def _tokenizer_settings(folder: Path) -> dict[str, Any]:
     return settings
 
 
-def _token_name(value: Any) -> str | None:
-    return value.get("content") if isinstance(value, dict) else value
+def _token_name(value: Any, key: str, folder: Path) -> str | None:
+    name = value.get("content") if isinstance(value, dict) else value
+    if name is not None and not isinstance(name, str):
+        raise ExportError(f"{folder}: {key} in tokenizer_config.json / special_tokens_map.json must be a "
+                          f"token string, got {value!r}")
+    return name
 
 
 def _read_tokenizer_json(folder: Path) -> Tokenizer:
@@ -488,28 +543,70 @@ def _weight_files(folder: Path) -> list[Path]:
                                 ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
         index = folder / index_name
         if index.is_file():
-            names = sorted(set(_read_json(index, "").get("weight_map", {}).values()))
+            weight_map = _field(_read_json(index, ""), "weight_map", dict, index) or {}
+            if not all(isinstance(name, str) for name in weight_map.values()):
+                raise ExportError(f"{index}: weight_map values must be file names")
+            names = sorted(set(weight_map.values()))
             absent = [name for name in names if not (folder / name).is_file()]
             if absent or not names:
                 raise ExportError(f"{index} lists missing weight files: {', '.join(absent) or 'none listed'}")
             return [folder / name for name in names]
-        files = sorted(folder.glob(pattern))
+        files = sorted(path for path in folder.glob(pattern) if path.is_file())
         if files:
             return files
     raise ExportError(f"{folder} has no weights (model*.safetensors or pytorch_model*.bin)")
 
 
+def _check_weight_files(files: list[Path]) -> None:
+    """Header checks before anything is loaded: one line naming the file, not a library's traceback."""
+    for path in files:
+        if path.suffix == ".safetensors":
+            _check_safetensors(path)
+
+
+def _check_safetensors(path: Path) -> None:
+    # Layout: u64 little-endian header length, a JSON header, the tensor bytes.
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if len(head) < 8:
+        raise ExportError(f"{path} is not a safetensors file: {size} bytes, shorter than the 8-byte header "
+                          "length (truncated?)")
+    (length,) = struct.unpack("<Q", head)
+    if length > size - 8:
+        raise ExportError(f"{path} is not a valid safetensors file: its header claims {length} bytes but the "
+                          f"file has {size} (truncated, or not a safetensors file)")
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as error:
+        raise ExportError(f"{path} is not a valid safetensors file: {error} (truncated or corrupt?)") from None
+
+
+def _pickle_refused(where: Path, error: Exception) -> str:
+    return (f"{where}: a pickle checkpoint (.bin) that holds more than plain tensors is refused, since "
+            f"loading it could run arbitrary code ({type(error).__name__}); convert it in an environment "
+            "you trust: load the model there and save_pretrained(folder, safe_serialization=True), which "
+            "writes model.safetensors")
+
+
 def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     for path in files:
         if path.suffix == ".safetensors":
+            _check_safetensors(path)
             with safe_open(str(path), framework="pt") as weights:
                 for name in weights.keys():
                     yield name, weights.get_tensor(name)
         else:
+            # weights_only: the restricted unpickler, plain tensors only; never the full pickle.
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as error:  # pickle / zip errors come in many types
-                raise ExportError(f"cannot read {path}: {error}") from None
+            except pickle.UnpicklingError as error:
+                raise ExportError(_pickle_refused(path, error)) from None
+            except Exception as error:  # zip / EOF / OS errors come in many types
+                raise ExportError(f"cannot read {path}: {type(error).__name__}: {error}") from None
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise ExportError(f"{path} is not a state dict of tensors (got {type(state).__name__})")
             yield from state.items()
             del state  # free this shard before the next one is read
 
@@ -523,13 +620,41 @@ def _sha256_files(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ExportError(f"{path} is not UTF-8 text: {error}") from None
+    except OSError as error:
+        raise ExportError(f"cannot read {path}: {error.strerror}") from None
+
+
 def _read_json(path: Path, missing_message: str) -> dict[str, Any]:
+    """A JSON object; every config file the loaders read is one."""
     if not path.is_file():
         raise ExportError(missing_message or f"{path} does not exist")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(_read_text(path))
     except ValueError as error:
         raise ExportError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ExportError(f"{path} is not a JSON object (it holds a {_json_type(value)})")
+    return value
+
+
+def _field(config: dict[str, Any], key: str, kind: type, path: Path) -> Any:
+    """config[key] if it has the JSON type `kind`; None if absent or null."""
+    value = config.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise ExportError(f"{path}: {key} must be a JSON {_json_type(kind())}, got {_json_type(value)} "
+                          f"{json.dumps(value)[:60]}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number",
+             type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _read_json_if_exists(path: Path) -> dict[str, Any]:
