@@ -16,16 +16,23 @@ with --provider tensorrt that builds the EP's engine cache (minutes, once per
 GPU), so that later starts load in seconds.
 
 Every user error (bad engine folder, checksum, format version, unreadable image,
-bad prompt, too long, unknown provider, missing GPU package, bad option) is one
-`error: ...` line on stderr and exit status 1.
+bad prompt, too long, not UTF-8, unknown provider, missing GPU package, bad
+option, unwritable --save-selection, stdout closed or full) is one `error: ...`
+line on stderr and exit status 1; with --json, a {"error": "..."} line on stdout
+as well. In --chat, a question that fails (too long, not UTF-8, ...) gets its
+error line and the chat goes on from where it was; the exit status is then 1.
+--save-selection is checked before anything runs and written whole or not at all.
 """
 from __future__ import annotations
 
 import argparse
+import io
+import itertools
 import json
+import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn, TextIO
 
@@ -38,14 +45,95 @@ from .preprocess import load_image
 from .selection import save_selection
 
 END_OF_CHAT = ("", "exit")
+MAX_THREADS = 1024  # ORT starts one OS thread per intra-op thread: more than this is a typo
+
+
+class UsageError(EngineError):
+    """A bad command line."""
+
+
+class OutputError(EngineError):
+    """stdout or stderr cannot be written (a closed pipe, a full disk): the run stops there."""
+
+    def __init__(self, stream: str, reason: str):
+        self.stream = stream
+        super().__init__(f"cannot write to {stream}: {reason}")
+
+
+class _Guarded:
+    """A text stream whose write errors become OutputError (print() needs write and flush only)."""
+
+    def __init__(self, stream: TextIO | None, name: str):
+        self.stream, self.name = stream, name
+
+    def write(self, text: str) -> int:
+        return self._do(lambda s: s.write(text))
+
+    def flush(self) -> None:
+        self._do(lambda s: s.flush())
+
+    def _do(self, action: Callable[[TextIO], object]):
+        if self.stream is None:  # started with the descriptor closed: Python sets sys.stdout = None
+            raise OutputError(self.name, "it is closed")
+        try:
+            return action(self.stream)
+        except BrokenPipeError:
+            raise OutputError(self.name, "the reading end of the pipe was closed") from None
+        except OSError as e:
+            raise OutputError(self.name, e.strerror or str(e)) from None
 
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors follow the one-line, exit-1 rule of every other user error."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(1)
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _checked(parse: Callable[[str], object], check: Callable[[object], object]) -> Callable[[str], object]:
+    """An argparse type: `parse` the text, then `check` the value (a UserError is the message)."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            kind = "an integer" if parse is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        try:
+            return check(value)
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
+
+
+def _generation(name: str) -> Callable[[object], object]:
+    """Checked by GenerationConfig itself, so that the CLI and the library refuse the same values."""
+    return lambda value: getattr(GenerationConfig(**{name: value}), name)
+
+
+def _seed(value: int) -> int | None:
+    if value == -1:
+        return None
+    if value < 0:
+        raise EngineError(f"seed must be >= 0, or -1 for a fresh random one, got {value}")
+    return value
+
+
+def _threads(value: int) -> int:
+    if not 1 <= value <= MAX_THREADS:
+        raise EngineError(f"threads must be in [1, {MAX_THREADS}], got {value}")
+    return value
+
+
+def _device_id(value: int) -> int:
+    if not 0 <= value < 2**31:
+        raise EngineError(f"device id must be in [0, 2**31), got {value}")
+    return value
+
+
+def _wants_json(argv: list[str]) -> bool:
+    """--json (or a prefix argparse expands to it), known before parsing: usage errors honour it too."""
+    return any(a.startswith("--j") and "--json".startswith(a) for a in argv)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,27 +143,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image", type=Path, default=None, help="image file (required unless --warmup-build)")
     p.add_argument("--prompt", default=None,
                    help="the question (required without --chat; with --chat, the first stdin line if absent)")
-    p.add_argument("--max-new-tokens", type=int, default=gen.max_new_tokens, help="default: %(default)s")
+    p.add_argument("--max-new-tokens", type=_checked(int, _generation("max_new_tokens")),
+                   default=gen.max_new_tokens,
+                   help=">= 1; prompt + answer must fit the engine's max_positions (default: %(default)s)")
     p.add_argument("--raw", action="store_true",
                    help="--prompt is the whole prompt, with <image> where the image goes (no chat template)")
-    p.add_argument("--json", action="store_true", help="print one JSON object per answer, no streaming")
+    p.add_argument("--json", action="store_true",
+                   help='print one JSON object per answer, no streaming; a failure prints {"error": "..."}')
     p.add_argument("--chat", action="store_true", help="keep asking: read more questions from stdin")
     p.add_argument("--provider", choices=list(PROVIDERS), default=ort_defaults.provider,
                    help="ONNX Runtime execution provider (default: %(default)s)")
     p.add_argument("--backend", choices=list(BACKENDS), default="ort",
                    help="ort: ONNX Runtime (--provider picks its device); tensorrt: native TensorRT plans "
                         "(sparsezip-build-trt) (default: %(default)s)")
-    p.add_argument("--device-id", type=int, default=ort_defaults.device_id, help="GPU index (default: 0)")
+    p.add_argument("--device-id", type=_checked(int, _device_id), default=ort_defaults.device_id,
+                   help="GPU index (default: %(default)s)")
     p.add_argument("--trt-cache", type=Path, default=None,
                    help="TensorRT EP engine/timing cache folder (default: ENGINE/trt_cache/<gpu>)")
     p.add_argument("--warmup-build", action="store_true",
                    help="run each graph once and exit (--provider tensorrt: build the engine cache)")
-    p.add_argument("--threads", type=int, default=ort_defaults.threads,
-                   help="intra-op threads (default: all cores)")
-    p.add_argument("--temperature", type=float, default=gen.temperature,
-                   help="0 = greedy (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=gen.top_p, help="nucleus sampling mass (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=gen.seed, help="sampling seed (default: a random one)")
+    p.add_argument("--threads", type=_checked(int, _threads), default=ort_defaults.threads,
+                   help=f"intra-op threads, 1 .. {MAX_THREADS} (default: all cores)")
+    p.add_argument("--temperature", type=_checked(float, _generation("temperature")), default=gen.temperature,
+                   help="finite, >= 0; 0 = greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=_checked(float, _generation("top_p")), default=gen.top_p,
+                   help="nucleus sampling mass, in (0, 1] (default: %(default)s)")
+    p.add_argument("--seed", type=_checked(int, _seed), default=gen.seed,
+                   help="sampling seed, an integer >= 0; -1 = a fresh random one (the default)")
     p.add_argument("--save-selection", type=Path, default=None, metavar="PNG",
                    help="write the preprocessed image with the kept patches highlighted")
     p.add_argument("--skip-checksums", action="store_true",
@@ -91,14 +185,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    _tolerant_decoding()
+    stdout, stderr = _Guarded(sys.stdout, "stdout"), _Guarded(sys.stderr, "stderr")
+    wants_json = _wants_json(argv)
     try:
-        return run(args, sys.stdin, sys.stdout, sys.stderr)
+        args = parse_args(argv)
+    except SystemExit:  # --help was printed (into stdout's buffer): `--help | head -1` must not fail at exit
+        try:
+            sys.stdout.flush()
+        except OSError:
+            _silence(sys.stdout)
+        raise
+    except UsageError as e:
+        _report(str(e), stdout, stderr, json_too=wants_json)
+        return 1
+    try:
+        return run(args, sys.stdin, stdout, stderr)
+    except OutputError as e:
+        # Python's advice for a closed stdout (docs, "Note on SIGPIPE"): point the descriptor at
+        # devnull, so that the flush at exit does not fail a second time with a traceback.
+        _silence(sys.stdout if e.stream == "stdout" else sys.stderr)
+        _report(str(e), stdout, stderr, json_too=wants_json and e.stream != "stdout")
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _report(str(e), stdout, stderr, json_too=wants_json)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        _report("interrupted", stdout, stderr, json_too=wants_json)
     return 1
+
+
+def _tolerant_decoding() -> None:
+    """stdin: bytes that are not UTF-8 become lone surrogates (refused per line, see prompt.check_text)
+    instead of a UnicodeDecodeError that would end a chat; stdout: a character the terminal's encoding
+    lacks is escaped instead of failing the answer."""
+    for stream, errors in ((sys.stdin, "surrogateescape"), (sys.stdout, "backslashreplace")):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors=errors)
+
+
+def _silence(stream: TextIO | None) -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):  # no descriptor (None, a test's StringIO): nothing to flush
+        pass
+
+
+def _report(message: str, stdout: _Guarded, stderr: _Guarded, json_too: bool) -> None:
+    """The one `error:` line on stderr, and with --json a {"error": ...} line on stdout too."""
+    if json_too:
+        try:
+            print(json.dumps({"error": message}), file=stdout, flush=True)
+        except OutputError:
+            _silence(stdout.stream)
+    try:
+        print(f"error: {message}", file=stderr, flush=True)
+    except OutputError:
+        _silence(stderr.stream)
 
 
 def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
@@ -113,22 +257,59 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO)
         resolve_providers(args.provider)
     if args.warmup_build:
         return warmup(args, options, stderr)
+    selection = None if args.save_selection is None else writable_target(args.save_selection)
     image = load_image(args.image)
     prompts = _prompts(args, stdin, stderr)
     first = args.prompt if args.prompt is not None else next(prompts, None)
     if first is None:
         raise EngineError("--chat without --prompt needs the first question on stdin")
+    status = 0
     with _pipeline(args, options) as pipe:
         chat = pipe.conversation(image, raw=args.raw, config=config)
-        _turn(args, pipe, chat, first, stdout, stderr)
-        if args.save_selection is not None:
-            v = pipe.engine.vision
-            save_selection(args.save_selection, chat.pixel_values[0], pipe.engine.image,
-                           chat.visual.kept_index, v.grid, v.patch_size)
-        if args.chat:
-            for prompt in prompts:
+        for prompt in itertools.chain([first], prompts):
+            try:
                 _turn(args, pipe, chat, prompt, stdout, stderr)
-    return 0
+            except OutputError:
+                raise
+            except UserError as e:
+                if not args.chat:
+                    raise
+                # The turn changed nothing (Conversation.ask rolls back): the chat goes on.
+                _report(str(e), stdout, stderr, json_too=args.json)
+                status = 1
+                continue
+            if selection is not None and chat.turns == 1:
+                v = pipe.engine.vision
+                write_atomically(selection, lambda tmp: save_selection(
+                    tmp, chat.pixel_values[0], pipe.engine.image, chat.visual.kept_index, v.grid, v.patch_size))
+    return status
+
+
+def writable_target(path: Path) -> Path:
+    """The file `path` names (symlinks followed), if it can be (re)written: checked before any work."""
+    target = Path(os.path.realpath(path))
+    if target.is_dir():
+        raise EngineError(f"--save-selection {path} is a folder; name a .png file")
+    if target.exists() and not target.is_file():
+        raise EngineError(f"--save-selection {path} exists and is not a regular file")
+    folder = target.parent
+    if not folder.is_dir():
+        raise EngineError(f"--save-selection {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise EngineError(f"--save-selection {path}: folder {folder} is not writable")
+    return target
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """`write` a temporary file next to `path`, then rename it over `path`: whole or nothing."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise EngineError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _pipeline(args: argparse.Namespace, options: OrtOptions) -> Pipeline:
@@ -158,7 +339,7 @@ def _prompts(args: argparse.Namespace, stdin: TextIO, stderr: TextIO) -> Iterato
         line = stdin.readline()
         if not line or line.strip() in END_OF_CHAT:
             return
-        yield line.rstrip("\n")
+        yield line.rstrip("\r\n")
 
 
 def _turn(args: argparse.Namespace, pipe: Pipeline, chat: Conversation, prompt: str,
@@ -170,11 +351,20 @@ def _turn(args: argparse.Namespace, pipe: Pipeline, chat: Conversation, prompt: 
         print(json.dumps(record), file=stdout, flush=True)
         return result
 
+    written = False
+
     def write(piece: str) -> None:
+        nonlocal written
         stdout.write(piece)
         stdout.flush()
+        written = True
 
-    result = chat.ask(prompt, on_text=write)
+    try:
+        result = chat.ask(prompt, on_text=write)
+    except Exception as e:
+        if written and not isinstance(e, OutputError):
+            print(file=stdout, flush=True)  # end the half-streamed line before the error line
+        raise
     print(file=stdout, flush=True)
     print(format_figures(result), file=stderr, flush=True)
     return result

@@ -8,6 +8,8 @@ its own `input_pos`, and a left-padded batch masks its padding out.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,19 +26,31 @@ class GenerationConfig:
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0: greedy (argmax), like transformers' do_sample=False
     top_p: float = 1.0  # nucleus sampling; 1.0 keeps the whole distribution
-    seed: int | None = None  # None: a fresh seed per conversation
+    seed: int | None = None  # None: a fresh seed per conversation; else any int >= 0 (numpy takes big ones)
 
     def __post_init__(self):
+        if not _is_int(self.max_new_tokens):
+            raise EngineError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
             raise EngineError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature >= 0:
-            raise EngineError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise EngineError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (_is_real(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0):
+            raise EngineError(f"temperature must be >= 0 and finite, got {self.temperature!r}")
+        if not (_is_real(self.top_p) and 0 < self.top_p <= 1):
+            raise EngineError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise EngineError(f"seed must be an integer >= 0 or None (a fresh one), got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -122,11 +136,22 @@ def decode_one_token(llm: Backend, cache: KVCache, table: np.ndarray, tokens: np
 
 
 def sample(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generator) -> int:
-    """logits [V] -> one token id: argmax, or temperature + top-p sampling from `rng`."""
+    """logits [V] -> one token id: argmax, or temperature + top-p sampling from `rng`.
+
+    Valid for any finite temperature > 0 and any logits: the maximum is subtracted
+    before dividing, so z <= 0 and exp(z) in [0, 1] with 1 at the maximum (a tiny
+    temperature cannot overflow to inf - inf = NaN; it tends to argmax). -inf and
+    NaN logits are never drawn; +inf ones are the only candidates. Logits with no
+    finite maximum at all (every one -inf or NaN) give the argmax of what is left.
+    """
     if config.greedy:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / config.temperature
-    probs = np.exp(z - z.max())
+    x = np.nan_to_num(logits.astype(np.float64), nan=-np.inf, neginf=-np.inf, posinf=np.finfo(np.float64).max)
+    top = x.max()
+    if top == -np.inf:
+        return int(np.argmax(x))
+    with np.errstate(over="ignore", under="ignore"):
+        probs = np.exp((x - top) / config.temperature)  # [V] in [0, 1], 1 at the argmax: sum >= 1
     probs /= probs.sum()
     if config.top_p < 1.0:
         order = np.argsort(-probs, kind="stable")

@@ -37,6 +37,16 @@ class _Tensor:
     buffer: DeviceBuffer | None = None
 
 
+@dataclass(frozen=True)
+class CacheState:
+    """What `KVCache.snapshot` keeps: positions and lengths, not the device data (slots past a
+    length are only ever appended to, so restoring the lengths undoes whatever was written after)."""
+
+    lengths: tuple[int, ...]  # per group
+    input_pos: np.ndarray  # [B]
+    mask: np.ndarray  # [B, lengths[0]]
+
+
 @dataclass
 class _Group:
     tensors: list[_Tensor]
@@ -138,6 +148,23 @@ class KVCache:
     def position_ids(self, mask: np.ndarray) -> np.ndarray:
         """[B, new]: each row's real tokens continue at its next position; padding slots get 0."""
         return np.maximum(self.input_pos[:, None] + np.cumsum(mask, axis=1) - 1, 0)
+
+    # -- undoing a failed turn
+
+    def snapshot(self) -> CacheState:
+        return CacheState(tuple(g.length for g in self.groups), self.input_pos.copy(),
+                          self.mask[:, :self.length].copy())
+
+    def restore(self, state: CacheState) -> None:
+        """Back to `state` (taken from this cache): the slots written since are free again.
+
+        The buffers stay as they are (a turn may have grown them; capacity only grows).
+        """
+        for group, length in zip(self.groups, state.lengths, strict=True):
+            group.length = length
+        self.input_pos[:] = state.input_pos
+        self.mask[:] = 0
+        self.mask[:, :state.mask.shape[1]] = state.mask
 
     def _view(self, buffer: DeviceBuffer, start: int, count: int) -> TensorView:
         return buffer.view((count, self.batch, self.kv_heads, self.head_dim), self.dtype, start * self.slot_bytes)

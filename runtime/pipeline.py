@@ -195,7 +195,9 @@ class Batch:
 
     The first `ask` encodes the images and prefills each row's first-turn prompt;
     each later one prefills only [the previous answer's last token, unless EOS] +
-    the next_turn text, after what the cache already holds.
+    the next_turn text, after what the cache already holds. An `ask` that raises
+    changes nothing: the cache's positions, the pending tokens, the turn count and
+    the samplers' states are put back.
     """
 
     def __init__(self, pipeline: Pipeline, images: Sequence[ImageInput], raw: bool, config: GenerationConfig):
@@ -221,11 +223,29 @@ class Batch:
         config = self.config if max_new_tokens is None else replace(self.config, max_new_tokens=max_new_tokens)
         if len(prompts) != self.size:
             raise EngineError(f"{self.size} conversations need {self.size} prompts, got {len(prompts)}")
-        if self.turns == 0:
-            logits, figures = self._first_turn(prompts, config)
-        else:
-            logits, figures = self._next_turn(prompts, config)
-        return self._answer(logits, config, figures, on_text)
+        saved = self._save()
+        try:
+            if self.turns == 0:
+                logits, figures = self._first_turn(prompts, config)
+            else:
+                logits, figures = self._next_turn(prompts, config)
+            return self._answer(logits, config, figures, on_text)
+        except BaseException:
+            # A failed turn (a bad prompt, an error in `on_text` or in the middle of decoding, Ctrl-C)
+            # leaves the conversation as it was: a retry answers as if it never happened.
+            self._restore(saved)
+            raise
+
+    def _save(self) -> tuple:
+        return (self.cache, None if self.cache is None else self.cache.snapshot(), list(self.visual),
+                list(self.pending), self.turns, [rng.bit_generator.state for rng in self.rngs])
+
+    def _restore(self, saved: tuple) -> None:
+        self.cache, cache_state, self.visual, self.pending, self.turns, rng_states = saved
+        if self.cache is not None:
+            self.cache.restore(cache_state)
+        for rng, state in zip(self.rngs, rng_states):
+            rng.bit_generator.state = state
 
     def _first_turn(self, prompts: Sequence[str], config: GenerationConfig) -> tuple[np.ndarray, dict]:
         pipe, engine = self.pipe, self.pipe.engine
@@ -333,7 +353,10 @@ class Conversation:
 
     def ask(self, prompt: str, max_new_tokens: int | None = None,
             on_text: Callable[[str], None] | None = None) -> Result:
-        """Answer `prompt`; `on_text` receives the answer's text piece by piece as it is decoded."""
+        """Answer `prompt`; `on_text` receives the answer's text piece by piece as it is decoded.
+
+        If it raises (from `on_text` too), the conversation is left as it was before the call.
+        """
         stream = None if on_text is None else (lambda _row, piece: on_text(piece))
         return self._batch.ask([prompt], max_new_tokens, stream)[0]
 

@@ -41,6 +41,7 @@ def load_tokenizer(engine: EngineFolder) -> Tokenizer:
 def first_turn_ids(tokenizer: Tokenizer, template: PromptTemplate, tokens: TokenIds,
                    prompt: str, raw: bool = False) -> PromptIds:
     """Template mode: the user's text goes into `first_turn`; raw: `prompt` is the whole prompt."""
+    check_text(prompt)
     image = template.image_token
     if raw:
         if prompt.count(image) != 1:
@@ -58,6 +59,23 @@ def first_turn_ids(tokenizer: Tokenizer, template: PromptTemplate, tokens: Token
     return PromptIds(tuple(before), tuple(after), tuple(text_ids))
 
 
+def check_text(prompt: str) -> None:
+    """A prompt must be a str that is valid Unicode text, i.e. encodable as UTF-8.
+
+    On Linux, bytes of argv or stdin that are not UTF-8 arrive as lone surrogates
+    U+DC80..U+DCFF (Python's surrogateescape), which tokenizers rejects with a TypeError.
+    """
+    if not isinstance(prompt, str):
+        raise EngineError(f"a prompt must be text (str), got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(prompt[e.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise EngineError(f"the prompt is not valid UTF-8: {what} at character {e.start} "
+                          "(re-encode it as UTF-8)") from None
+
+
 def split_at_image(ids: list[int], image_token_id: int) -> tuple[list[int], list[int]]:
     count = ids.count(image_token_id)
     if count != 1:
@@ -70,6 +88,7 @@ def split_at_image(ids: list[int], image_token_id: int) -> tuple[list[int], list
 
 def next_turn_ids(tokenizer: Tokenizer, template: PromptTemplate, prompt: str) -> list[int]:
     """A chat follow-up: the text after the previous answer, no BOS."""
+    check_text(prompt)
     if template.image_token in prompt:
         raise EngineError(f"a follow-up turn cannot contain {template.image_token}: "
                           "the image is already in the chat")
