@@ -32,6 +32,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn, TextIO
@@ -395,5 +396,18 @@ def _size(n: int) -> str:
     raise AssertionError
 
 
+def entry() -> int:
+    """The `sparsezip-run` command: main() in a process of its own.
+
+    Pillow warns (DecompressionBombWarning) while it opens an image between one and
+    two times its pixel limit, before preprocessing refuses it with one error line;
+    the command owns its process, so it silences that warning here, where a
+    process-wide filter harms no host application (main() itself sets none).
+    """
+    from PIL import Image
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -9,19 +9,15 @@ TypeError or an absurd allocation later on.
 
 Also here, once: the format version, the LLM cache's tensor-name templates
 (onnxruntime-genai's `past_key_names` style: the runtime never builds a name
-itself), the symbolic axes and sha256.
+itself) and the symbolic axes. The annotation-driven parser is runtime/schema.py;
+how the folder's files are opened (regular files only) and hashed, runtime/files.py.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import math
 import os
 import platform
-import re
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
@@ -32,6 +28,8 @@ from typing import Annotated, Any
 import numpy as np
 
 from .errors import EngineError
+from .files import open_regular, sha256_file
+from .schema import Matches, OneOf, Range, Section, brief, clip, invalid
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
@@ -50,46 +48,22 @@ NEW_KEY, NEW_VALUE = "new_key_values.%d.key", "new_key_values.%d.value"
 PIL_RESAMPLING = (0, 1, 2, 3, 4, 5)  # NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
 # Serving limits of a folder whose manifest declares none (export/build.py writes them).
 DEFAULT_MAX_BATCH, DEFAULT_MAX_TEXT_LEN = 8, 512
-
-
-# -- field constraints, read from the annotations by the parser below
-
-@dataclass(frozen=True)
-class Range:
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False  # lo itself excluded
-
-    def check(self, value) -> str | None:
-        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
-            return f"{value!r} is {'not above' if self.lo_open else 'below'} the minimum {self.lo:g}"
-        if self.hi is not None and value > self.hi:
-            return f"{value!r} is above the maximum {self.hi:g}"
-        return None
-
-
-@dataclass(frozen=True)
-class OneOf:
-    values: tuple
-
-    def check(self, value) -> str | None:
-        return None if value in self.values else f"{value!r} is not one of {', '.join(map(str, self.values))}"
-
-
-@dataclass(frozen=True)
-class Matches:
-    pattern: str
-    what: str
-
-    def check(self, value) -> str | None:
-        return None if re.fullmatch(self.pattern, value) else f"{value!r} is not {self.what}"
+# A real manifest is ~10 KB; bigger is not one, and is not read whole into memory.
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_DEPTH = 32  # nesting of its JSON (the schema's deepest is 6): free-form records stay printable
+# Elements of a tensor's static axes (Vicuna-7B's largest is 32000 x 4096 = 2^27): a graph
+# declaring more is not one this runtime can allocate for.
+MAX_STATIC_ELEMENTS = 1 << 32
+# K and V of every layer per position (Vicuna-7B fp16: 512 KiB, Llama-2-70B without GQA: 2.5 MiB).
+MAX_KV_BYTES_PER_TOKEN = 64 << 20
 
 
 Count = Annotated[int, Range(1, 1 << 24)]  # widths, sizes, vocabulary, positions
 Layers = Annotated[int, Range(1, 4096)]
 Pixels = Annotated[int, Range(1, 8192)]  # image sides (preprocess.MAX_PIXELS is 8192^2)
 TokenId = Annotated[int, Range(0, (1 << 31) - 1)]
-FileName = Annotated[str, Matches(r"(?!\.\.?$)[^/\\\x00]+", "a plain file name")]
+# No separators, no control characters, at most 255 characters (NAME_MAX; longer fails in lstat).
+FileName = Annotated[str, Matches(r"(?!\.\.?$)[^/\\\x00-\x1f]{1,255}", "a plain file name")]
 Symbol = Annotated[str, Matches(r"[A-Za-z_][A-Za-z0-9_]*", "an axis name")]
 Dim = Annotated[int, Range(1, 1 << 24)] | Symbol  # a static size or a symbolic axis
 NameTemplate = Annotated[str, Matches(r"[^%]*%d[^%]*", "a name template with one %d")]
@@ -97,22 +71,17 @@ NameTemplate = Annotated[str, Matches(r"[^%]*%d[^%]*", "a name template with one
 
 # -- the sections
 
-class Section:
-    """JSON in and out for every section: `from_dict` checks what `to_dict` writes."""
-
-    @classmethod
-    def from_dict(cls, data: Any):
-        """Type-, range- and consistency-checked; an error names the field (`llm.head_dim: ...`)."""
-        return _parse(cls, data, "")
-
-    def to_dict(self) -> dict[str, Any]:
-        return _to_json(self)
-
-
 @dataclass(frozen=True)
 class TensorSpec(Section):
     dtype: Annotated[str, OneOf(tuple(DTYPES))]
     shape: tuple[Dim, ...]
+
+    def __post_init__(self):
+        if len(self.shape) > 8:
+            raise ValueError(f"shape: {len(self.shape)} axes, more than the 8 a graph here has")
+        if math.prod(d for d in self.shape if isinstance(d, int)) > MAX_STATIC_ELEMENTS:
+            raise ValueError(f"shape: {brief(list(self.shape))}: its static axes hold over "
+                             f"{MAX_STATIC_ELEMENTS} elements")
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -250,6 +219,10 @@ class LlmInfo(Section):
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.np_dtype.itemsize
 
     def __post_init__(self):
+        if self.kv_bytes_per_token > MAX_KV_BYTES_PER_TOKEN:
+            raise ValueError(f"num_layers {self.num_layers} x num_kv_heads {self.num_kv_heads} x head_dim "
+                             f"{self.head_dim} needs {self.kv_bytes_per_token >> 20} MiB of KV cache per token, "
+                             f"over the {MAX_KV_BYTES_PER_TOKEN >> 20} MiB limit")
         covered = sorted(layer for group in self.cache.groups for layer in group.layers)
         if covered != list(range(self.num_layers)):
             raise ValueError(f"cache groups must hold each of the {self.num_layers} layers once, "
@@ -392,7 +365,7 @@ def _check_consistency(m: Manifest) -> None:
     needed = {m.graphs["vision"].file, m.graphs["llm"].file, m.llm.embed_tokens, TOKENIZER}
     if missing := sorted(needed - set(m.artifacts)):
         raise ValueError(f"artifacts: does not list {', '.join(missing)}")
-    if bad := [n for n in m.artifacts if _invalid(FileName, n)]:
+    if bad := [n for n in m.artifacts if invalid(FileName, n)]:
         raise ValueError(f"artifacts: {bad[0]!r} is not a plain file name")
     for name in ("image_token_id", "bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(m.tokens, name) >= m.llm.vocab_size:
@@ -464,26 +437,72 @@ def read_manifest(folder: Path) -> Manifest:
     """`folder/manifest.json`, parsed and checked; every problem is one EngineError."""
     path = folder / MANIFEST
     try:
-        text = path.read_text(encoding="utf-8")
+        with open_regular(path, MANIFEST) as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         raise EngineError(f"{folder} has no {MANIFEST}: not an engine folder (or an interrupted build)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise EngineError(f"cannot read {path}: {e}") from None
+    except OSError as e:
+        raise EngineError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise EngineError(f"{path}: over {MAX_MANIFEST_BYTES >> 20} MiB, not a manifest")
     try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise EngineError(f"{path} is not valid JSON ({e})") from None
+        data = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float,
+                          object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError as e:
+        raise EngineError(f"cannot read {path}: not UTF-8 ({e})") from None
+    # ValueError: JSONDecodeError, and ints longer than Python's 4300-digit conversion limit.
+    except (ValueError, RecursionError) as e:
+        raise EngineError(f"{path} is not valid JSON ({clip(str(e))})") from None
     if not isinstance(data, dict):
         raise EngineError(f"{path} is not a JSON object")
+    if (where := _too_deep(data, MAX_DEPTH)) is not None:
+        raise EngineError(f"{path}: {where}: nested deeper than {MAX_DEPTH} levels")
     # Checked before anything else: another layout would fail later with a misleading message.
     version = data.get("format_version")
     if version != FORMAT_VERSION or isinstance(version, bool):
-        raise EngineError(f"{path}: engine format_version {version} is not supported; this runtime reads "
+        raise EngineError(f"{path}: engine format_version {str(version)[:60]} is not supported; this runtime reads "
                           f"format_version {FORMAT_VERSION} (rebuild the engine with export/build.py)")
     try:
         return Manifest.from_dict(data)
     except EngineError as e:
         raise EngineError(f"{path}: {e}") from None
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{brief(text)} overflows to infinity")
+    return value
+
+
+def _too_deep(data: Any, limit: int) -> str | None:
+    """The path of the first value nested deeper than `limit`, or None (iterative: no recursion to exhaust)."""
+    stack = [(data, "", 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if depth > limit:
+            return where or "top level"
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            if isinstance(item, (dict, list)):
+                step = f"[{key}]" if isinstance(key, int) else f".{key[:60]}" if where else key[:60]
+                stack.append((item, where + step, depth + 1))
+    return None
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")  # json.loads would take NaN, Infinity, -Infinity
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of duplicate keys silently; a reader that keeps the first would see
+    # another manifest than this one.
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {brief(duplicate)}")
+    return data
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> Path:
@@ -500,14 +519,6 @@ def write_manifest(folder: Path, manifest: Manifest) -> Path:
     return path
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def artifact_entries(folder: Path, files: list[str]) -> dict[str, Artifact]:
     return {name: Artifact((folder / name).stat().st_size, sha256_file(folder / name)) for name in files}
 
@@ -522,100 +533,3 @@ def tool_versions(names: tuple[str, ...] = TOOLS) -> dict[str, str]:
     return versions
 
 
-# -- the parser: JSON -> frozen dataclasses, checked against the annotations
-
-def _parse(hint, value, where: str):
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Annotated:
-        value = _parse(args[0], value, where)
-        for mark in args[1:]:
-            if (problem := mark.check(value)) is not None:
-                raise _error(where, problem)
-        return value
-    if dataclasses.is_dataclass(hint):
-        return _parse_dataclass(hint, value, where)
-    if hint is type(None):
-        if value is not None:
-            raise _error(where, f"expected null, got {_kind(value)}")
-        return None
-    if hint is Any:
-        return value
-    if hint in (bool, int, float, str):
-        return _parse_scalar(hint, value, where)
-    if origin in (types.UnionType, typing.Union):
-        problems = []
-        for option in args:
-            try:
-                return _parse(option, value, where)
-            except EngineError as e:
-                problems.append(str(e).removeprefix(f"{where}: "))
-        raise _error(where, " or ".join(problems))
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _error(where, f"expected a list, got {_kind(value)}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            args = (args[0],) * len(value)
-        elif len(value) != len(args):
-            raise _error(where, f"expected {len(args)} values, got {len(value)}")
-        return tuple(_parse(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if origin is Mapping:
-        if not isinstance(value, dict):
-            raise _error(where, f"expected an object, got {_kind(value)}")
-        return MappingProxyType({k: _parse(args[1], v, f"{where}.{k}" if where else k) for k, v in value.items()})
-    raise TypeError(f"the manifest schema has an unsupported annotation {hint!r}")
-
-
-def _parse_scalar(hint: type, value, where: str):
-    ok = isinstance(value, hint) and not (hint is not bool and isinstance(value, bool))
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if not ok:
-        want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
-        raise _error(where, f"expected {want}, got {_kind(value)}")
-    if hint is float and not math.isfinite(value):
-        raise _error(where, f"expected a finite number, got {value}")
-    return value
-
-
-def _parse_dataclass(cls, value, where: str):
-    if not isinstance(value, dict):
-        raise _error(where, f"expected an object, got {_kind(value)}")
-    hints = typing.get_type_hints(cls, include_extras=True)
-    fields = dataclasses.fields(cls)
-    required = [f.name for f in fields if f.default is dataclasses.MISSING]
-    if missing := [n for n in required if n not in value]:
-        raise _error(where, f"lacks {', '.join(missing)}")
-    # Unknown keys are ignored: additions within a format version.
-    parsed = {f.name: _parse(hints[f.name], value[f.name], f"{where}.{f.name}" if where else f.name)
-              for f in fields if f.name in value}
-    try:
-        return cls(**parsed)
-    except ValueError as e:
-        raise _error(where, str(e)) from None
-
-
-def _error(where: str, problem: str) -> EngineError:
-    return EngineError(f"{where}: {problem}" if where else problem)
-
-
-def _invalid(hint, value) -> bool:
-    try:
-        _parse(hint, value, "")
-    except EngineError:
-        return True
-    return False
-
-
-def _kind(value) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
-
-
-def _to_json(value):
-    if dataclasses.is_dataclass(value):
-        return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {k: _to_json(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return [_to_json(v) for v in value]
-    return value

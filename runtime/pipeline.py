@@ -19,6 +19,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from tokenize import TokenError
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from os import PathLike
@@ -149,8 +150,10 @@ class Pipeline:
         try:
             # Memory-mapped: only the rows of the prompt's tokens are ever paged in.
             table = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise EngineError(f"cannot load {path}: {e}") from None
+        # A corrupt .npy header reaches numpy's header parser (ast), which raises SyntaxError or
+        # tokenize.TokenError besides the OSError / ValueError of a bad file.
+        except (OSError, ValueError, SyntaxError, TokenError) as e:
+            raise EngineError(f"cannot load {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         want = (llm.vocab_size, llm.hidden_size)
         if table.shape != want or table.dtype != llm.np_dtype:
             raise EngineError(f"{path}: {table.dtype} {list(table.shape)}, the manifest says "

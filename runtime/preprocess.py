@@ -15,7 +15,6 @@ padding), so the export side must read the processor with backend="pil".
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator, Sequence
 from os import PathLike
 
@@ -34,13 +33,11 @@ MAX_PIXELS = 8192 * 8192
 def _pillow_errors(path: str | PathLike) -> Iterator[None]:
     """Turn whatever Pillow raises for a bad file into one-line PreprocessErrors."""
     try:
-        with warnings.catch_warnings():
-            # Pillow only warns between 1x and 2x its own limit; a bomb is an error here.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
+        yield
     except FileNotFoundError:
         raise PreprocessError(f"{path}: no such file") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    # Pillow raises this itself beyond 2x its MAX_IMAGE_PIXELS (and for a GIF frame or TIFF tile).
+    except Image.DecompressionBombError as e:
         raise PreprocessError(f"{path}: refused as a decompression bomb ({e})") from None
     except UnidentifiedImageError:
         raise PreprocessError(f"{path}: not an image file Pillow can read") from None
@@ -49,17 +46,28 @@ def _pillow_errors(path: str | PathLike) -> Iterator[None]:
         raise PreprocessError(f"{path}: corrupt or unreadable image ({e})") from None
 
 
+def pixel_limit(max_pixels: int = MAX_PIXELS) -> int:
+    """The most pixels `load_image` decodes: `max_pixels`, and never more than Pillow's own limit.
+
+    Checked from the header, so no warning filter is needed to turn Pillow's
+    DecompressionBombWarning into an error: `warnings.catch_warnings` changes
+    process-wide state, is not thread-safe and can leave a filter behind in the
+    host application. Pillow's `Image.MAX_IMAGE_PIXELS` is read, never set (None: no limit of its own).
+    """
+    pillow = Image.MAX_IMAGE_PIXELS
+    return max_pixels if pillow is None else min(max_pixels, pillow)
+
+
 def load_image(path: str | PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open and fully decode an image, in its own mode (preprocess converts it)."""
     with _pillow_errors(path):
         image = Image.open(path)  # reads the header only
     with image:
         w, h = image.size
+        limit = pixel_limit(max_pixels)
         # Checked before decoding: a tiny file can declare billions of pixels.
-        if w * h > max_pixels:
-            raise PreprocessError(
-                f"{path}: {w}x{h} is over the {max_pixels}-pixel limit (decompression bomb?)"
-            )
+        if w * h > limit:
+            raise PreprocessError(f"{path}: {w}x{h} is over the {limit}-pixel limit (decompression bomb?)")
         with _pillow_errors(path):
             image.load()  # decode now so truncation is reported here, not mid-pipeline
             # Like transformers.image_utils.load_image: camera photos are seen upright.

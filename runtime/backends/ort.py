@@ -195,8 +195,11 @@ class OrtBackend(Backend):
     def _infer(self, feeds: Mapping[str, Any], outputs: Mapping[str, TensorView],
                symbols: Mapping[str, int]) -> dict[str, np.ndarray]:
         if not outputs and all(isinstance(v, np.ndarray) for v in feeds.values()):
-            return dict(zip(self._output_names, self.session.run(self._output_names, dict(feeds),
-                                                                 self._run_options)))
+            try:
+                values = self.session.run(self._output_names, dict(feeds), self._run_options)
+            except Exception as e:  # ORT's pybind types (InvalidArgument, Fail, RuntimeException, ...)
+                raise _run_error(self.path, e) from None
+            return dict(zip(self._output_names, values))
         binding = self.session.io_binding()
         host_feeds = []  # bound by address: they must outlive the run
         for name, value in feeds.items():
@@ -225,7 +228,10 @@ class OrtBackend(Backend):
                 continue
             host[name] = np.empty(shape, spec.np_dtype)
             binding.bind_output(name, "cpu", 0, spec.np_dtype, shape, host[name].ctypes.data)
-        self.session.run_with_iobinding(binding, self._run_options)
+        try:
+            self.session.run_with_iobinding(binding, self._run_options)
+        except Exception as e:
+            raise _run_error(self.path, e) from None
         if fetched:
             values = dict(zip(self._output_names, binding.get_outputs()))  # every output, in binding order
             host.update({name: values[name].numpy() for name in fetched})
@@ -240,6 +246,13 @@ def open_graph(source: Path | bytes, options: OrtOptions = OrtOptions()) -> OrtB
     if isinstance(source, bytes):
         return OrtBackend(Path("graph.onnx"), None, options, model=source).activate()
     return OrtBackend(Path(source), None, options).activate()
+
+
+def _run_error(path: Path, error: Exception) -> EngineError:
+    """A graph that loads but fails while running (a corrupted weight, an out-of-range index): one line."""
+    text = str(error).strip()
+    return EngineError(f"{path.name} failed while running: {text.splitlines()[0][:300] if text else type(error).__name__} "
+                       "(a corrupted or altered graph? drop --skip-checksums to check the artifacts)")
 
 
 def _spec(arg) -> TensorSpec:
