@@ -281,8 +281,8 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO)
                 continue
             if selection is not None and chat.turns == 1:
                 v = pipe.engine.vision
-                write_atomically(selection, lambda tmp: save_selection(
-                    tmp, chat.pixel_values[0], pipe.engine.image, chat.visual.kept_index, v.grid, v.patch_size))
+                save_selection(selection, chat.pixel_values[0], pipe.engine.image, chat.visual.kept_index, v.grid,
+                               v.patch_size)
     return status
 
 
@@ -299,18 +299,6 @@ def writable_target(path: Path) -> Path:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise EngineError(f"--save-selection {path}: folder {folder} is not writable")
     return target
-
-
-def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """`write` a temporary file next to `path`, then rename it over `path`: whole or nothing."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise EngineError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _pipeline(args: argparse.Namespace, options: OrtOptions) -> Pipeline:

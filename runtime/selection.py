@@ -8,6 +8,8 @@ is dimmed. CLS and merged tokens have no single patch and are not drawn.
 """
 from __future__ import annotations
 
+import os
+
 from os import PathLike
 from pathlib import Path
 
@@ -57,11 +59,16 @@ def render_selection(pixel_values: np.ndarray, config: ImageConfig, kept_index: 
 
 def save_selection(path: str | PathLike, pixel_values: np.ndarray, config: ImageConfig,
                    kept_index: np.ndarray, grid: tuple[int, int], patch_size: int) -> Path:
-    """Write the overlay as PNG (whatever the suffix says)."""
+    """Write the overlay as PNG (whatever the suffix says), whole or not at all: a temporary file
+    beside `path`, renamed over it."""
     path = Path(path)
     image = render_selection(pixel_values, config, kept_index, grid, patch_size)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        image.save(path, format="PNG")
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
     except OSError as e:
         raise EngineError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

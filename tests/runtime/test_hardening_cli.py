@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,17 +245,18 @@ def test_save_selection_is_whole_or_absent(capsys, monkeypatch, engine_none, sha
     target = tmp_path / "kept.png"
     argv = ["--engine", engine_none, "--image", shapes_png, "--prompt", QUESTION, "--max-new-tokens", "1",
             "--threads", "1", "--json", "--save-selection", target]
-    real = cli.save_selection
+    from PIL import Image
+    real = Image.Image.save
 
-    def disk_full(path, *args):
-        path.write_bytes(b"\x89PNG half")
-        raise EngineError(f"cannot write {path}: No space left on device")
+    def disk_full(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cli, "save_selection", disk_full)
+    monkeypatch.setattr(Image.Image, "save", disk_full)
     status, _, err = run_cli(capsys, *argv)
     assert status == 1 and "No space left on device" in one_error_line(err)
     assert list(tmp_path.iterdir()) == []  # neither the target nor the temporary file
-    monkeypatch.setattr(cli, "save_selection", real)
+    monkeypatch.setattr(Image.Image, "save", real)
     target.write_bytes(b"old")
     status, _, err = run_cli(capsys, *argv)
     assert status == 0, err
