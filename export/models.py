@@ -8,22 +8,20 @@ the transformers classes here, without the `llava` package.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
 import os
 import pickle
-import struct
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from tokenizers import AddedToken, Tokenizer
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.initialization import no_init_weights
@@ -31,6 +29,8 @@ from transformers.initialization import no_init_weights
 from sparsezip_deploy.runtime.manifest import ImageConfig
 
 from .errors import ExportError
+from .model_files import (check_weight_files, field, iter_tensors, pickle_refused, read_json, read_json_if_exists,
+                          read_text, sha256_files, weight_files)
 from .tiny import BUILD_INFO, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PIL_BICUBIC, TINY_FORMAT, build_tiny
 from .tokenizer import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, bos_post_processor
 
@@ -85,7 +85,7 @@ def load_model(spec: str | os.PathLike, vision_tower: str | os.PathLike | None =
     if not folder.is_dir():
         raise ExportError(f"model folder {folder} does not exist "
                           "(expected a llava-hf folder, an original LLaVA folder, 'shapes' or 'tiny')")
-    config = _read_json(folder / "config.json", f"{folder} has no config.json: not a model folder")
+    config = read_json(folder / "config.json", f"{folder} has no config.json: not a model folder")
     kind = detect_kind(config, folder)
     if kind == "llava-original":
         return _load_original(folder, config, vision_tower)
@@ -96,14 +96,14 @@ def load_model(spec: str | os.PathLike, vision_tower: str | os.PathLike | None =
 
 
 def detect_kind(config: dict[str, Any], folder: Path) -> str:
-    architectures = _field(config, "architectures", list, folder / "config.json") or []
+    architectures = field(config, "architectures", list, folder / "config.json") or []
     if not all(isinstance(name, str) for name in architectures):
         raise ExportError(f"{folder}/config.json: architectures must be a list of class names, "
                           f"got {architectures!r}")
     # Checked first: liuhaotian's llava-v1.5 configs say model_type "llava" too.
     if "LlavaLlamaForCausalLM" in architectures or "mm_vision_tower" in config:
         return "llava-original"
-    if _field(config, "model_type", str, folder / "config.json") == "llava":
+    if field(config, "model_type", str, folder / "config.json") == "llava":
         return "llava-hf"
     raise ExportError(
         f"{folder}/config.json is model_type {config.get('model_type')!r}, architectures "
@@ -149,16 +149,16 @@ def _tiny_complete(folder: Path, seed: int) -> bool:
 
 def _load_llava_hf(folder: Path, kind: str) -> LoadedModel:
     path = folder / "config.json"
-    raw = _read_json(path, f"{folder} has no config.json")
-    vision = _field(raw, "vision_config", dict, path) or {}
-    text = _field(raw, "text_config", dict, path) or {}
+    raw = read_json(path, f"{folder} has no config.json")
+    vision = field(raw, "vision_config", dict, path) or {}
+    text = field(raw, "text_config", dict, path) or {}
     _check_llava15(vision.get("model_type", "clip_vision_model"), text.get("model_type", "llama"),
                    raw.get("vision_feature_layer", -2), folder)
     try:
         config = LlavaConfig.from_pretrained(folder, local_files_only=True)
     except (StrictDataclassError, TypeError, ValueError) as error:
         raise ExportError(f"{path}: invalid settings: {error}") from None
-    _check_weight_files(_weight_files(folder))
+    check_weight_files(weight_files(folder))
     model, info = _from_pretrained(folder, config)
     bad = sorted(info["missing_keys"]) + sorted(info["unexpected_keys"]) + sorted(
         str(key) for key in info["mismatched_keys"])
@@ -183,7 +183,7 @@ def _load_llava_hf(folder: Path, kind: str) -> LoadedModel:
         image_token_id=image_token_id, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
         source={"kind": kind, "path": str(folder.resolve()),
                 "name": kind if kind in ("tiny", "shapes") else folder.name,
-                "weights_sha256": _sha256_files(_weight_files(folder))},
+                "weights_sha256": sha256_files(weight_files(folder))},
     )
 
 
@@ -198,7 +198,7 @@ def _from_pretrained(folder: Path, config: LlavaConfig) -> tuple[LlavaForConditi
             folder, config=config, dtype=torch.float32, local_files_only=True, output_loading_info=True,
             ignore_mismatched_sizes=True)
     except pickle.UnpicklingError as error:
-        raise ExportError(_pickle_refused(folder, error)) from None
+        raise ExportError(pickle_refused(folder, error)) from None
     except (OSError, RuntimeError, ValueError, SafetensorError) as error:
         raise ExportError(f"{folder}: cannot load the weights: {error}") from None
     finally:
@@ -208,10 +208,10 @@ def _from_pretrained(folder: Path, config: LlavaConfig) -> tuple[LlavaForConditi
 def _image_processor_config(folder: Path) -> tuple[dict[str, Any], Path]:
     """The image processor settings and the file they come from."""
     if (folder / "preprocessor_config.json").is_file():
-        return _read_json(folder / "preprocessor_config.json", ""), folder / "preprocessor_config.json"
+        return read_json(folder / "preprocessor_config.json", ""), folder / "preprocessor_config.json"
     # transformers v5 save_pretrained nests the image processor in processor_config.json.
     path = folder / "processor_config.json"
-    nested = _field(_read_json_if_exists(path), "image_processor", dict, path)
+    nested = field(read_json_if_exists(path), "image_processor", dict, path)
     if nested is None:
         raise ExportError(f"{folder} has no preprocessor_config.json")
     return nested, path
@@ -219,9 +219,9 @@ def _image_processor_config(folder: Path) -> tuple[dict[str, Any], Path]:
 
 def _chat_template(folder: Path) -> str:
     if (folder / "chat_template.jinja").is_file():
-        return _read_text(folder / "chat_template.jinja")
+        return read_text(folder / "chat_template.jinja")
     for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
-        template = _read_json_if_exists(folder / name).get("chat_template")
+        template = read_json_if_exists(folder / name).get("chat_template")
         if isinstance(template, str):
             return template
     # llava-hf uploads older than processor chat templates: they all use this format.
@@ -281,11 +281,11 @@ def _load_original(folder: Path, config: dict[str, Any],
     # the random init: it would cost minutes on a 7B model.
     with no_init_weights():
         model = LlavaForConditionalGeneration(llava_config)
-    llava_files, clip_files = _weight_files(folder), _weight_files(vision_dir)
+    llava_files, clip_files = weight_files(folder), weight_files(vision_dir)
     _load_original_weights(model, llava_files, clip_files, folder)
     model.eval()
 
-    processor = _read_json_if_exists(vision_dir / "preprocessor_config.json")
+    processor = read_json_if_exists(vision_dir / "preprocessor_config.json")
     image = _image_preprocess(processor, vision_config.image_size,
                               pad_to_square=config.get("image_aspect_ratio") == "pad",
                               path=vision_dir / "preprocessor_config.json")
@@ -295,7 +295,7 @@ def _load_original(folder: Path, config: dict[str, Any],
         source={"kind": "llava-original", "path": str(folder.resolve()), "name": folder.name,
                 "vision_tower": str(vision_dir.resolve()),
                 # LLaVA weight files, then the vision tower's, each in sorted name order.
-                "weights_sha256": _sha256_files(llava_files + clip_files)},
+                "weights_sha256": sha256_files(llava_files + clip_files)},
     )
 
 
@@ -332,7 +332,7 @@ def _vision_tower_folder(folder: Path, config: dict[str, Any],
         if not vision_dir.is_dir():
             raise ExportError(f"vision tower folder {vision_dir} does not exist")
         return vision_dir
-    named = _field(config, "mm_vision_tower", str, folder / "config.json")
+    named = field(config, "mm_vision_tower", str, folder / "config.json")
     if named and Path(named).expanduser().is_dir():
         return Path(named).expanduser()
     raise ExportError(f"{folder} names vision tower {named!r}, which is not a local folder: "
@@ -340,7 +340,7 @@ def _vision_tower_folder(folder: Path, config: dict[str, Any],
 
 
 def _clip_vision_config(vision_dir: Path) -> CLIPVisionConfig:
-    raw = _read_json(vision_dir / "config.json", f"vision tower {vision_dir} has no config.json")
+    raw = read_json(vision_dir / "config.json", f"vision tower {vision_dir} has no config.json")
     if raw.get("model_type") not in ("clip", "clip_vision_model"):
         raise ExportError(f"vision tower {vision_dir} is model_type {raw.get('model_type')!r}; "
                           "only CLIP is supported")
@@ -402,14 +402,14 @@ def _load_original_weights(model: LlavaForConditionalGeneration, llava_files: li
         loaded.add(target)
 
     with torch.no_grad():
-        for name, tensor in _iter_tensors(llava_files):
+        for name, tensor in iter_tensors(llava_files):
             # The llava package reloads the (frozen) vision tower from mm_vision_tower
             # after loading, so copies inside the checkpoint are never used; rotary
             # inv_freq is a recomputed buffer that old Llama checkpoints still carry.
             if name.startswith("model.vision_tower.") or name.endswith("rotary_emb.inv_freq"):
                 continue
             put(name, _rename(name, _LLAVA_KEYS), tensor)
-        for name, tensor in _iter_tensors(clip_files):
+        for name, tensor in iter_tensors(clip_files):
             target = _clip_key(name)
             if target is not None:
                 put(name, "model.vision_tower." + target, tensor)
@@ -515,8 +515,8 @@ def _special_ids(folder: Path, tokenizer: Tokenizer, text_config: LlamaConfig) -
 
 
 def _tokenizer_settings(folder: Path) -> dict[str, Any]:
-    settings = _read_json_if_exists(folder / "special_tokens_map.json")
-    settings.update(_read_json_if_exists(folder / "tokenizer_config.json"))
+    settings = read_json_if_exists(folder / "special_tokens_map.json")
+    settings.update(read_json_if_exists(folder / "tokenizer_config.json"))
     return settings
 
 
@@ -536,126 +536,3 @@ def _read_tokenizer_json(folder: Path) -> Tokenizer:
         return Tokenizer.from_file(str(path))
     except Exception as error:  # the tokenizers library raises bare Exceptions
         raise ExportError(f"{path} is not a valid tokenizer: {error}") from None
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    for index_name, pattern in (("model.safetensors.index.json", "model*.safetensors"),
-                                ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
-        index = folder / index_name
-        if index.is_file():
-            weight_map = _field(_read_json(index, ""), "weight_map", dict, index) or {}
-            if not all(isinstance(name, str) for name in weight_map.values()):
-                raise ExportError(f"{index}: weight_map values must be file names")
-            names = sorted(set(weight_map.values()))
-            absent = [name for name in names if not (folder / name).is_file()]
-            if absent or not names:
-                raise ExportError(f"{index} lists missing weight files: {', '.join(absent) or 'none listed'}")
-            return [folder / name for name in names]
-        files = sorted(path for path in folder.glob(pattern) if path.is_file())
-        if files:
-            return files
-    raise ExportError(f"{folder} has no weights (model*.safetensors or pytorch_model*.bin)")
-
-
-def _check_weight_files(files: list[Path]) -> None:
-    """Header checks before anything is loaded: one line naming the file, not a library's traceback."""
-    for path in files:
-        if path.suffix == ".safetensors":
-            _check_safetensors(path)
-
-
-def _check_safetensors(path: Path) -> None:
-    # Layout: u64 little-endian header length, a JSON header, the tensor bytes.
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-    if len(head) < 8:
-        raise ExportError(f"{path} is not a safetensors file: {size} bytes, shorter than the 8-byte header "
-                          "length (truncated?)")
-    (length,) = struct.unpack("<Q", head)
-    if length > size - 8:
-        raise ExportError(f"{path} is not a valid safetensors file: its header claims {length} bytes but the "
-                          f"file has {size} (truncated, or not a safetensors file)")
-    try:
-        with safe_open(str(path), framework="pt"):
-            pass
-    except SafetensorError as error:
-        raise ExportError(f"{path} is not a valid safetensors file: {error} (truncated or corrupt?)") from None
-
-
-def _pickle_refused(where: Path, error: Exception) -> str:
-    return (f"{where}: a pickle checkpoint (.bin) that holds more than plain tensors is refused, since "
-            f"loading it could run arbitrary code ({type(error).__name__}); convert it in an environment "
-            "you trust: load the model there and save_pretrained(folder, safe_serialization=True), which "
-            "writes model.safetensors")
-
-
-def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    for path in files:
-        if path.suffix == ".safetensors":
-            _check_safetensors(path)
-            with safe_open(str(path), framework="pt") as weights:
-                for name in weights.keys():
-                    yield name, weights.get_tensor(name)
-        else:
-            # weights_only: the restricted unpickler, plain tensors only; never the full pickle.
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as error:
-                raise ExportError(_pickle_refused(path, error)) from None
-            except Exception as error:  # zip / EOF / OS errors come in many types
-                raise ExportError(f"cannot read {path}: {type(error).__name__}: {error}") from None
-            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-                raise ExportError(f"{path} is not a state dict of tensors (got {type(state).__name__})")
-            yield from state.items()
-            del state  # free this shard before the next one is read
-
-
-def _sha256_files(files: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in files:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ExportError(f"{path} is not UTF-8 text: {error}") from None
-    except OSError as error:
-        raise ExportError(f"cannot read {path}: {error.strerror}") from None
-
-
-def _read_json(path: Path, missing_message: str) -> dict[str, Any]:
-    """A JSON object; every config file the loaders read is one."""
-    if not path.is_file():
-        raise ExportError(missing_message or f"{path} does not exist")
-    try:
-        value = json.loads(_read_text(path))
-    except ValueError as error:
-        raise ExportError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(value, dict):
-        raise ExportError(f"{path} is not a JSON object (it holds a {_json_type(value)})")
-    return value
-
-
-def _field(config: dict[str, Any], key: str, kind: type, path: Path) -> Any:
-    """config[key] if it has the JSON type `kind`; None if absent or null."""
-    value = config.get(key)
-    if value is not None and not isinstance(value, kind):
-        raise ExportError(f"{path}: {key} must be a JSON {_json_type(kind())}, got {_json_type(value)} "
-                          f"{json.dumps(value)[:60]}")
-    return value
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number",
-             type(None): "null"}
-    return names.get(type(value), type(value).__name__)
-
-
-def _read_json_if_exists(path: Path) -> dict[str, Any]:
-    return _read_json(path, "") if path.is_file() else {}
