@@ -37,7 +37,7 @@ from .generate import (GenerationConfig, VisualTokens, embed, encode_images, gen
                        text_features)
 from .kv_cache import KVCache
 from .preprocess import load_image, preprocess
-from .profiles import tensorrt_ep_options, typical_feeds
+from .profiles import gpu_cache_dir, tensorrt_ep_options, typical_feeds
 from .prompt import TextStream, check_length, first_turn_ids, load_tokenizer, next_turn_ids
 
 ImageInput = str | PathLike | Image.Image
@@ -105,6 +105,8 @@ class Pipeline:
         self.limits = self.engine.manifest.serving_limits
         self.tokenizer = load_tokenizer(self.engine)
         self.table = self._load_table()
+        if backend == "ort" and provider == "tensorrt" and trt_cache is None:
+            trt_cache = gpu_cache_dir(self.engine, device_id)  # once: it asks the driver (or nvidia-smi)
         self.vision = self._open(backend, "vision", provider, threads, device_id, trt_cache)
         self.llm = self._open(backend, "llm", provider, threads, device_id, trt_cache)
         self.vision.activate()
@@ -126,7 +128,7 @@ class Pipeline:
             # activations stay resident under the LLM's.
             extra = dict(spin=False, shrink_arena=True)
         if provider == "tensorrt":
-            extra["provider_options"] = tuple(tensorrt_ep_options(engine, graph, device_id, trt_cache).items())
+            extra["provider_options"] = tuple(tensorrt_ep_options(engine, graph, trt_cache).items())
         options = backend_options(backend, provider=provider, threads=threads, device_id=device_id, **extra)
         return open_backend(backend, engine.path(spec.file), spec, options)
 

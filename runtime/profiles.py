@@ -112,13 +112,15 @@ def tensorrt_cache_dir(engine_dir: Path, gpu: str, compute_capability: str) -> P
     return Path(engine_dir) / CACHE_DIR / gpu_slug(gpu, compute_capability)
 
 
-def tensorrt_ep_options(engine: EngineFolder, graph: str, device_id: int = 0,
-                        cache: str | PathLike | None = None) -> dict[str, str]:
-    """The TensorRT EP's options for one graph of `engine`; caches in `cache` or the GPU's folder in the engine."""
-    if cache is None:
-        from .cuda import gpu_info  # asks the driver which GPU this is: only on the TensorRT path
-        gpu = gpu_info(device_id)
-        cache = tensorrt_cache_dir(engine.folder, gpu.name, gpu.compute_capability)
+def gpu_cache_dir(engine: EngineFolder, device_id: int = 0) -> Path:
+    """The TensorRT EP's cache folder for this GPU, inside `engine` (asks the driver which GPU this is)."""
+    from .cuda import gpu_info  # only on the TensorRT path
+    gpu = gpu_info(device_id)
+    return tensorrt_cache_dir(engine.folder, gpu.name, gpu.compute_capability)
+
+
+def tensorrt_ep_options(engine: EngineFolder, graph: str, cache: str | PathLike) -> dict[str, str]:
+    """The TensorRT EP's options for one graph of `engine`, its engine and timing caches in `cache` (made here)."""
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     (profile,) = graph_profiles(engine.manifest, graph, native=False)
