@@ -47,7 +47,7 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 class DecoderGraph(nn.Module):
     """The decoder of `llava` in `dtype`; converts llava's language model and lm_head in place."""
 
-    def __init__(self, llava, dtype: str = "float32"):
+    def __init__(self, llava, dtype: str = "float32", cache: CacheLayout | None = None):
         super().__init__()
         if dtype not in DTYPES:
             raise ExportError(f"--llm-dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -65,10 +65,13 @@ class DecoderGraph(nn.Module):
         self.hidden_size = config.hidden_size
         self.vocab_size = self.lm_head.out_features
         self.max_positions = config.max_position_embeddings
-        self.cache = CacheLayout.single_group(self.num_layers)
+        # One group, or the groups of an in-LLM pruning method (export/llm_prune.py).
+        self.cache = cache or CacheLayout.single_group(self.num_layers)
+        self.group_of = {layer: g for g, group in enumerate(self.cache.groups) for layer in group.layers}
 
     def io(self) -> GraphSpec:
         dtype = self.dtype_name
+        groups = self.cache.groups
         inputs = {
             "inputs_embeds": TensorSpec(dtype, (BATCH, SEQ, self.hidden_size)),
             "attention_mask": TensorSpec("int64", (BATCH, TOTAL)),
@@ -76,9 +79,12 @@ class DecoderGraph(nn.Module):
         }
         outputs = {"logits": TensorSpec("float32", (BATCH, 1, self.vocab_size))}
         for i in range(self.num_layers):
+            past_axis = groups[self.group_of[i]].past_axis
             for past, new in zip(self.cache.past_names(i), self.cache.new_names(i)):
-                inputs[past] = TensorSpec(dtype, (PAST, BATCH, self.num_kv_heads, self.head_dim))
+                inputs[past] = TensorSpec(dtype, (past_axis, BATCH, self.num_kv_heads, self.head_dim))
                 outputs[new] = TensorSpec(dtype, (SEQ, BATCH, self.num_kv_heads, self.head_dim))
+        for group in groups[1:]:
+            inputs[group.mask] = TensorSpec("int64", (BATCH, group.total_axis))
         return GraphSpec("llm.onnx", inputs, outputs)
 
     def attention_bias(self, attention_mask, seq: int, groups: int, dtype) -> torch.Tensor:
@@ -105,8 +111,9 @@ class DecoderGraph(nn.Module):
         h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
         return norm.weight * h.to(x.dtype)
 
-    def layer(self, layer, x, cos, signed_sin, bias, past_k, past_v):
-        """x [B,S,D], past_k|v [P,B,Hkv,hd] -> x, new k|v [S,B,Hkv,hd]."""
+    def layer(self, layer, x, cos, signed_sin, bias, past_k=None, past_v=None):
+        """x [B,S,D], past_k|v [P,B,Hkv,hd] (None: no past) -> x, new k|v [S,B,Hkv,hd],
+        attention probabilities [B,Hkv,groups*S,P+S] (query head j*groups + r's rows at r*S)."""
         attn = layer.self_attn
         batch, seq = x.shape[:2]
         h = self.rms_norm(layer.input_layernorm, x)
@@ -118,50 +125,77 @@ class DecoderGraph(nn.Module):
         # Query head j*groups + r reads kv head j (repeat_kv's order): [B,Hkv,groups*S,hd], no kv copies.
         qg = q.reshape(batch, kv_heads, heads // kv_heads * seq, self.head_dim)
         # Each product scaled on its own, as HF scales q.k (ORT folds the scale into the MatMul).
-        scores = torch.cat([torch.matmul(qg, past_k.permute(1, 2, 3, 0)) * attn.scaling,  # [B,Hkv,gS,P]
-                            torch.matmul(qg, k.transpose(2, 3)) * attn.scaling], dim=-1)  # + [B,Hkv,gS,S]
+        scores = torch.matmul(qg, k.transpose(2, 3)) * attn.scaling  # [B,Hkv,gS,S]
+        if past_k is not None:
+            scores = torch.cat([torch.matmul(qg, past_k.permute(1, 2, 3, 0)) * attn.scaling, scores], dim=-1)
         probs = torch.softmax((scores + bias).float(), dim=-1).to(q.dtype)
-        probs_past, probs_new = torch.split(probs, [past_k.shape[0], seq], dim=-1)
-        o = (torch.matmul(probs_past, past_v.permute(1, 2, 0, 3))
-             + torch.matmul(probs_new, v.transpose(1, 2)))  # [B,Hkv,gS,hd]
+        if past_k is None:
+            o = torch.matmul(probs, v.transpose(1, 2))  # [B,Hkv,gS,hd]
+        else:
+            probs_past, probs_new = torch.split(probs, [past_k.shape[0], seq], dim=-1)
+            o = (torch.matmul(probs_past, past_v.permute(1, 2, 0, 3))
+                 + torch.matmul(probs_new, v.transpose(1, 2)))
         o = o.view(batch, heads, seq, self.head_dim).transpose(1, 2).reshape(batch, seq, -1)
         x = x + attn.o_proj(o)
         x = x + layer.mlp(self.rms_norm(layer.post_attention_layernorm, x))
-        return x, k.permute(2, 0, 1, 3), v.transpose(0, 1)
+        return x, k.permute(2, 0, 1, 3), v.transpose(0, 1), probs
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, past: list[torch.Tensor]):
-        x = inputs_embeds
+    def rope(self, x, position_ids):
+        """cos, signed sin [B,1,S,hd] for `rotate` (made once per position set, shared by the layers)."""
         cos, sin = self.rotary(x, position_ids)  # [B,S,hd]
         sin1, sin2 = sin.split(sin.shape[-1] // 2, dim=-1)
-        cos, sin = cos.unsqueeze(1), torch.cat([-sin1, sin2], dim=-1).unsqueeze(1)  # [B,1,S,hd]
-        groups = self.layers[0].self_attn.num_key_value_groups
-        bias = self.attention_bias(attention_mask, x.shape[1], groups, x.dtype)
+        return cos.unsqueeze(1), torch.cat([-sin1, sin2], dim=-1).unsqueeze(1)
+
+    @property
+    def kv_groups(self) -> int:
+        return self.layers[0].self_attn.num_key_value_groups
+
+    def head(self, x):
+        return self.lm_head(self.rms_norm(self.norm, x[:, -1:])).float()
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, past: list[torch.Tensor],
+                group_masks: list[torch.Tensor] = ()):
+        """`group_masks`: the masks of cache groups 1.. (each over its own past + the S new positions)."""
+        x = inputs_embeds
+        cos, sin = self.rope(x, position_ids)
+        biases = [self.attention_bias(mask, x.shape[1], self.kv_groups, x.dtype)
+                  for mask in (attention_mask, *group_masks)]
         new = []
         for i, layer in enumerate(self.layers):
-            x, k, v = self.layer(layer, x, cos, sin, bias, past[2 * i], past[2 * i + 1])
+            x, k, v, _ = self.layer(layer, x, cos, sin, biases[self.group_of[i]], past[2 * i], past[2 * i + 1])
             new += [k, v]
-        logits = self.lm_head(self.rms_norm(self.norm, x[:, -1:])).float()
-        return (logits, *new)
+        return (self.head(x), *new)
 
 
 def example_inputs(graph: DecoderGraph, batch: int = 2, seq: int = 5, past: int = 3, seed: int = 0):
-    """Deterministic feeds with every axis a different size; row 0 has left padding."""
+    """Deterministic feeds with every axis a different size; row 0 has left padding.
+    Group g >= 1 (a pruning method's) holds past + 2g positions when past > 0: every past axis a
+    different size, none 1 (the exporter would specialise it)."""
     g = torch.Generator().manual_seed(seed)
     dtype = DTYPES[graph.dtype_name]
+    lengths = [past] + [past + 2 * g if past else 0 for g in range(1, len(graph.cache.groups))]
     embeds = (torch.randn(batch, seq, graph.hidden_size, generator=g) * 0.5).to(dtype)
-    mask = torch.ones(batch, past + seq, dtype=torch.int64)
-    mask[0, :1] = 0
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, past:]
-    cache = [(torch.randn(past, batch, graph.num_kv_heads, graph.head_dim, generator=g) * 0.5).to(dtype)
-             for _ in range(2 * graph.num_layers)]
-    return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, "past": cache}
+    masks = []
+    for length in lengths:
+        mask = torch.ones(batch, length + seq, dtype=torch.int64)
+        mask[0, :1] = 0
+        masks.append(mask)
+    positions = (masks[0].cumsum(-1) - 1).clamp_min(0)[:, past:]
+    cache = [(torch.randn(lengths[graph.group_of[i // 2]], batch, graph.num_kv_heads, graph.head_dim,
+                          generator=g) * 0.5).to(dtype)
+             for i in range(2 * graph.num_layers)]
+    feeds = {"inputs_embeds": embeds, "attention_mask": masks[0], "position_ids": positions, "past": cache}
+    if len(masks) > 1:
+        feeds["group_masks"] = masks[1:]
+    return feeds
 
 
 def flat_feeds(graph: DecoderGraph, feeds: dict) -> dict[str, np.ndarray]:
     """example_inputs as the graph's named numpy feeds."""
-    flat = {k: v.numpy() for k, v in feeds.items() if k != "past"}
+    flat = {k: v.numpy() for k, v in feeds.items() if k not in ("past", "group_masks")}
     names = [n for i in range(graph.num_layers) for n in graph.cache.past_names(i)]
     flat.update({name: t.numpy() for name, t in zip(names, feeds["past"])})
+    flat.update({group.mask: m.numpy() for group, m in zip(graph.cache.groups[1:], feeds.get("group_masks", ()))})
     return flat
 
 
@@ -172,6 +206,8 @@ def export_llm(graph: DecoderGraph, path: Path) -> tuple[GraphSpec, bool]:
     past_names = [n for i in range(graph.num_layers) for n in graph.cache.past_names(i)]
     dynamic = {name: shapes[name] for name in ("inputs_embeds", "attention_mask", "position_ids")}
     dynamic["past"] = [shapes[name] for name in past_names]
+    if len(graph.cache.groups) > 1:
+        dynamic["group_masks"] = [shapes[group.mask] for group in graph.cache.groups[1:]]
     nbytes = sum(p.numel() * p.element_size() for p in graph.parameters())
     external = nbytes > EXTERNAL_DATA_BYTES
     with torch.no_grad():
@@ -200,10 +236,17 @@ def check_llm(graph: DecoderGraph, path: Path) -> list[str]:
             dtype = DTYPES[graph.dtype_name]
             past = [torch.cat([p, torch.from_numpy(got[n]).to(dtype)])
                     for p, n in zip(prefill["past"], names[1:])]
-            mask = torch.cat([prefill["attention_mask"], torch.ones(2, 1, dtype=torch.int64)], 1)
-            prefill = {"inputs_embeds": prefill["inputs_embeds"][:, -1:] * 0.5, "attention_mask": mask,
-                       "position_ids": prefill["position_ids"][:, -1:] + 1, "past": past}
+            prefill = {"inputs_embeds": prefill["inputs_embeds"][:, -1:] * 0.5,
+                       "attention_mask": _grow(prefill["attention_mask"]),
+                       "position_ids": prefill["position_ids"][:, -1:] + 1, "past": past,
+                       **({"group_masks": [_grow(m) for m in prefill["group_masks"]]}
+                          if "group_masks" in prefill else {})}
     return lines
+
+
+def _grow(mask: torch.Tensor) -> torch.Tensor:
+    """[B,T] -> [B,T+1]: one more real position."""
+    return torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype)], 1)
 
 
 def save_embeddings(llava, path: Path, dtype: str) -> None:

@@ -47,6 +47,8 @@ class TinyConfig:
     # decided by float noise. Scaling q and k scales the attention logits by its square
     # and spreads the scores apart: index-equality tests become meaningful.
     qk_scale: float = 4.0
+    # The same for the LLM's attention (1: none), for tests of methods that rank by it (FastV, SparseVLM).
+    llm_qk_scale: float = 1.0
 
 
 def tiny_llava_config(vocab_size: int, image_token_id: int, pad_token_id: int,
@@ -110,6 +112,9 @@ def build_tiny(out_dir: str | Path, seed: int = 0, tiny: TinyConfig = TinyConfig
         for layer in model.model.vision_tower.encoder.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
                 proj.weight.mul_(tiny.qk_scale)
+        for layer in model.model.language_model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.weight.mul_(tiny.llm_qk_scale)
     model.save_pretrained(out)
 
     write_tokenizer_files(tokenizer, out, model_max_length=tiny.max_positions)

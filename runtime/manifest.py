@@ -44,6 +44,11 @@ LLM_DTYPES = ("float32", "float16")
 # The symbolic axes of the graphs (export names them, the runtime's feed checks read them).
 BATCH, TEXT_LEN, SEQ, PAST, TOTAL = "batch", "text_len", "seq", "past", "total"
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
+# In-LLM pruning (llm.pruning): the image prefill's own graph, its extra input and, per pruned
+# layer group g >= 1, which prompt slot each of its positions holds (-1: a merged token) and its mask.
+PREFILL_GRAPH, VISUAL_START = "llm_prefill", "visual_start"
+GROUP_SLOTS, GROUP_MASK = "group_slots.%d", "group_mask.%d"
+PRUNE_METHODS = ("fastv", "sparsevlm")
 NEW_KEY, NEW_VALUE = "new_key_values.%d.key", "new_key_values.%d.value"
 PIL_RESAMPLING = (0, 1, 2, 3, 4, 5)  # NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
 # Serving limits of a folder whose manifest declares none (export/build.py writes them).
@@ -158,10 +163,19 @@ class VisionInfo(Section):
 
 @dataclass(frozen=True)
 class CacheGroup(Section):
-    """Decoder layers whose past has one length: their past inputs share the symbolic axis `past_axis`."""
+    """Decoder layers whose past has one length: their past inputs share the symbolic axis `past_axis`,
+    and their attention covers past + new positions under the mask input `mask` [batch, total_axis]."""
 
     layers: tuple[Annotated[int, Range(0, 4095)], ...]
     past_axis: Symbol
+    mask: Annotated[str, Matches(r"attention_mask(\.[0-9]{1,4})?", "attention_mask or attention_mask.<g>")] \
+        = "attention_mask"
+    total_axis: Symbol = TOTAL
+
+    @staticmethod
+    def pruned(index: int, layers: tuple[int, ...]) -> CacheGroup:
+        """Group `index` >= 1 of a pruning method: its own past, mask and total axes."""
+        return CacheGroup(layers, f"{PAST}_{index}", f"attention_mask.{index}", f"{TOTAL}_{index}")
 
 
 @dataclass(frozen=True)
@@ -195,6 +209,57 @@ class CacheLayout(Section):
     def __post_init__(self):
         if not self.groups:
             raise ValueError("needs at least one layer group")
+        if self.groups[0].mask != "attention_mask" or self.groups[0].total_axis != TOTAL:
+            raise ValueError("the first layer group reads attention_mask [batch, total]")
+        for field in ("past_axis", "mask", "total_axis"):
+            names = [getattr(g, field) for g in self.groups]
+            if len(set(names)) != len(names):
+                raise ValueError(f"layer groups share a {field}: {names}")
+
+
+@dataclass(frozen=True)
+class PruneStage(Section):
+    """After layer `after`, the visual tokens are cut to `keep` (+ `merged` recycled ones)."""
+
+    after: Annotated[int, Range(0, 4094)]
+    keep: Count
+    merged: Annotated[int, Range(0, 1 << 24)] = 0
+
+
+@dataclass(frozen=True)
+class LlmPruning(Section):
+    """Visual tokens dropped inside the LLM during the image prefill (graph llm_prefill).
+
+    The prefill prompt carries `visual_slots` visual positions per row from the
+    `visual_start` input on (the vision graph's slots, padding masked). Cache
+    group g >= 1 holds the layers after stage g-1: the prompt minus what that
+    stage dropped, then every later position. `config` is the method's config
+    (llm_prune.config).
+    """
+
+    method: Annotated[str, OneOf(PRUNE_METHODS)]
+    visual_slots: Count
+    stages: tuple[PruneStage, ...]
+    config: Mapping[str, Any]
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ValueError("needs at least one stage")
+        if any(b.after <= a.after for a, b in zip(self.stages, self.stages[1:])):
+            raise ValueError("stages must follow each other (increasing `after`)")
+        carried = self.visual_slots
+        for stage in self.stages:
+            if stage.keep >= carried:
+                raise ValueError(f"stage after layer {stage.after}: keep {stage.keep} of {carried} visual tokens")
+            carried = stage.keep + stage.merged
+
+    def carried(self, group: int) -> int:
+        """Visual positions the prompt keeps in cache group `group`."""
+        return self.visual_slots if group == 0 else self.stages[group - 1].keep + self.stages[group - 1].merged
+
+    def group_seq(self, group: int, seq: int) -> int:
+        """Prompt positions group `group` keeps of a `seq`-slot image prefill."""
+        return seq - self.visual_slots + self.carried(group)
 
 
 @dataclass(frozen=True)
@@ -208,6 +273,7 @@ class LlmInfo(Section):
     dtype: Annotated[str, OneOf(LLM_DTYPES)]
     embed_tokens: FileName  # the [vocab, hidden] table, in `dtype`
     cache: CacheLayout
+    pruning: LlmPruning | None = None  # FastV / SparseVLM; None: every layer keeps every position
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -227,6 +293,13 @@ class LlmInfo(Section):
         if covered != list(range(self.num_layers)):
             raise ValueError(f"cache groups must hold each of the {self.num_layers} layers once, "
                              f"got {covered[:8]}{' ...' if len(covered) > 8 else ''}")
+        # Pruning decides the groups: layers up to each stage, and the rest; no pruning, one group.
+        ends = [] if self.pruning is None else [s.after for s in self.pruning.stages]
+        starts = [0] + [e + 1 for e in ends]
+        want = [tuple(range(a, b + 1)) for a, b in zip(starts, ends + [self.num_layers - 1])]
+        if [g.layers for g in self.cache.groups] != want:
+            raise ValueError(f"cache groups {[list(g.layers) for g in self.cache.groups]} do not follow the "
+                             f"pruning stages (expected {[list(w) for w in want]})")
 
 
 @dataclass(frozen=True)
@@ -376,6 +449,15 @@ def _check_consistency(m: Manifest) -> None:
                          f"{m.llm.hidden_size} (the projector is fused)")
     _check_vision_graph(m.graphs["vision"], m.vision)
     _check_llm_graph(m.graphs["llm"], m.llm)
+    if (PREFILL_GRAPH in m.graphs) != (m.llm.pruning is not None):
+        raise ValueError(f"graphs: an {PREFILL_GRAPH} graph goes with llm.pruning, and only with it")
+    if m.llm.pruning is not None:
+        if m.llm.pruning.visual_slots != m.vision.num_slots:
+            raise ValueError(f"llm.pruning.visual_slots {m.llm.pruning.visual_slots} is not the vision graph's "
+                             f"{m.vision.num_slots} slots")
+        if m.graphs[PREFILL_GRAPH].file not in m.artifacts:
+            raise ValueError(f"artifacts: does not list {m.graphs[PREFILL_GRAPH].file}")
+        _check_prefill_graph(m.graphs[PREFILL_GRAPH], m.llm)
     if m.limits is not None and m.limits.max_positions > m.llm.max_position_embeddings:
         raise ValueError(f"limits.max_positions {m.limits.max_positions} exceeds the LLM's "
                          f"max_position_embeddings {m.llm.max_position_embeddings}")
@@ -405,11 +487,11 @@ def _check_vision_graph(g: GraphSpec, v: VisionInfo) -> None:
 def _check_llm_graph(g: GraphSpec, llm: LlmInfo) -> None:
     where = "graphs.llm"
     _expect(g.inputs, f"{where}.inputs", "inputs_embeds", llm.dtype, (BATCH, SEQ, llm.hidden_size))
-    _expect(g.inputs, f"{where}.inputs", "attention_mask", "int64", (BATCH, TOTAL))
     _expect(g.inputs, f"{where}.inputs", "position_ids", "int64", (BATCH, SEQ))
     _expect(g.outputs, f"{where}.outputs", "logits", "float32", (BATCH, 1, llm.vocab_size))
     cache = llm.cache
     for group in cache.groups:
+        _expect(g.inputs, f"{where}.inputs", group.mask, "int64", (BATCH, group.total_axis))
         for layer in group.layers:
             for name in cache.past_names(layer):
                 _expect(g.inputs, f"{where}.inputs", name, llm.dtype,
@@ -417,10 +499,37 @@ def _check_llm_graph(g: GraphSpec, llm: LlmInfo) -> None:
             for name in cache.new_names(layer):
                 _expect(g.outputs, f"{where}.outputs", name, llm.dtype,
                         (SEQ, BATCH, llm.num_kv_heads, llm.head_dim))
-    declared = {"inputs_embeds", "attention_mask", "position_ids",
+    declared = {"inputs_embeds", "position_ids", *(group.mask for group in cache.groups),
                 *(n for i in range(llm.num_layers) for n in cache.past_names(i))}
     if extra := sorted(set(g.inputs) - declared):
         raise ValueError(f"{where}.inputs: unexpected {', '.join(extra[:4])}")
+
+
+def _check_prefill_graph(g: GraphSpec, llm: LlmInfo) -> None:
+    """The image prefill of a pruning method: no past; group g's new positions on axis seq_g."""
+    where = f"graphs.{PREFILL_GRAPH}"
+    want = {"inputs_embeds", "attention_mask", "position_ids", VISUAL_START}
+    if set(g.inputs) != want:
+        raise ValueError(f"{where}.inputs: {sorted(g.inputs)}, expected {sorted(want)}")
+    _expect(g.inputs, f"{where}.inputs", "inputs_embeds", llm.dtype, (BATCH, SEQ, llm.hidden_size))
+    _expect(g.inputs, f"{where}.inputs", "attention_mask", "int64", (BATCH, SEQ))
+    _expect(g.inputs, f"{where}.inputs", "position_ids", "int64", (BATCH, SEQ))
+    _expect(g.inputs, f"{where}.inputs", VISUAL_START, "int64", (BATCH,))
+    _expect(g.outputs, f"{where}.outputs", "logits", "float32", (BATCH, 1, llm.vocab_size))
+    for index, group in enumerate(llm.cache.groups):
+        seq = prefill_seq_axis(index)
+        for layer in group.layers:
+            for name in llm.cache.new_names(layer):
+                _expect(g.outputs, f"{where}.outputs", name, llm.dtype,
+                        (seq, BATCH, llm.num_kv_heads, llm.head_dim))
+        if index:
+            _expect(g.outputs, f"{where}.outputs", GROUP_SLOTS % index, "int64", (BATCH, seq))
+            _expect(g.outputs, f"{where}.outputs", GROUP_MASK % index, "int64", (BATCH, seq))
+
+
+def prefill_seq_axis(group: int) -> str:
+    """The axis of group `group`'s positions in the image prefill's outputs (group 0: all of `seq`)."""
+    return SEQ if group == 0 else f"{SEQ}_{group}"
 
 
 def _expect(table: Mapping[str, TensorSpec], where: str, name: str, dtype: str, shape: tuple) -> None:
