@@ -19,6 +19,7 @@ import numpy as np
 from .backends.base import Backend
 from .errors import EngineError
 from .kv_cache import KVCache
+from .manifest import GROUP_MASK, VISUAL_START, LlmPruning
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class VisualTokens:
     kept_index: np.ndarray  # [n] int64: source patch of each token, -1 for CLS / merged
     num_slots: int  # S, what the graph returns before dropping padding
     vision_ms: float  # the vision call that produced it (shared by a batch)
+    slots: np.ndarray | None = None  # [S, D]: padding included (an LLM that prunes takes every slot)
 
 
 def text_features(table: np.ndarray, texts: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
@@ -88,7 +90,8 @@ def encode_images(vision: Backend, pixel_values: np.ndarray,
     for b, n in enumerate(out["num_tokens"].tolist()):
         if not 0 < n <= slots:
             raise EngineError(f"vision graph returned num_tokens {n} for {slots} slots")
-        rows.append(VisualTokens(out["visual_tokens"][b, :n], out["kept_index"][b, :n], slots, vision_ms))
+        rows.append(VisualTokens(out["visual_tokens"][b, :n], out["kept_index"][b, :n], slots, vision_ms,
+                                 out["visual_tokens"][b]))
     return rows
 
 
@@ -97,14 +100,15 @@ def embed(table: np.ndarray, ids: Sequence[int]) -> np.ndarray:
     return np.asarray(table[np.asarray(ids, dtype=np.int64)])
 
 
-def pad_left(rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts [T_b, D] -> embeds [B, T, D] left-padded with zeros, mask [B, T] (1 = real token)."""
+def pad_left(rows: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts [T_b, D] (+ their masks [T_b], default all real) -> embeds [B, T, D] left-padded with
+    zeros, mask [B, T] (1 = real token)."""
     width = max(len(r) for r in rows)
     embeds = np.zeros((len(rows), width, rows[0].shape[1]), rows[0].dtype)
     mask = np.zeros((len(rows), width), np.int64)
     for b, r in enumerate(rows):
         embeds[b, width - len(r):] = r
-        mask[b, width - len(r):] = 1
+        mask[b, width - len(r):] = 1 if masks is None else masks[b]
     return embeds, mask
 
 
@@ -113,11 +117,26 @@ def forward(llm: Backend, cache: KVCache, embeds: np.ndarray, mask: np.ndarray |
     if mask is None:
         mask = np.ones(embeds.shape[:2], np.int64)
     past, present = cache.bind(embeds.shape[1])
-    feeds = {"inputs_embeds": embeds, "attention_mask": cache.attention_mask(mask),
-             "position_ids": cache.position_ids(mask), **past}
+    feeds = {"inputs_embeds": embeds, **cache.attention_masks(mask), "position_ids": cache.position_ids(mask),
+             **past}
     out = llm.run(feeds, outputs=present)
     cache.advance(mask)
     return out["logits"][:, -1].astype(np.float32)  # logits: [B,1,V]
+
+
+def prefill_pruned(llm_prefill: Backend, cache: KVCache, pruning: LlmPruning, embeds: np.ndarray,
+                   mask: np.ndarray, visual_start: np.ndarray) -> np.ndarray:
+    """The image prompt [B,T,D] (each row's `pruning.visual_slots` visual positions from its
+    `visual_start` on) into an empty cache, through the graph that drops visual tokens inside the
+    LLM: cache group g receives T_g positions and their mask from the graph. -> last logits [B,V]."""
+    assert cache.length == 0, "an image prefill starts the conversation"
+    seqs = [pruning.group_seq(g, embeds.shape[1]) for g in range(len(cache.groups))]
+    _, present = cache.bind(seqs)
+    feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": cache.position_ids(mask),
+             VISUAL_START: visual_start}
+    out = llm_prefill.run(feeds, outputs=present)
+    cache.advance_groups([mask] + [out[GROUP_MASK % g] for g in range(1, len(seqs))])
+    return out["logits"][:, -1].astype(np.float32)
 
 
 def prefill(llm: Backend, cache: KVCache, embeds: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:

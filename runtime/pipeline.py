@@ -34,8 +34,9 @@ from .backends.base import Backend
 from .engine import EngineFolder, load_engine
 from .errors import EngineError
 from .generate import (GenerationConfig, VisualTokens, embed, encode_images, generate, pad_left, prefill,
-                       text_features)
+                       prefill_pruned, text_features)
 from .kv_cache import KVCache
+from .manifest import PREFILL_GRAPH
 from .preprocess import load_image, preprocess
 from .profiles import gpu_cache_dir, tensorrt_ep_options, typical_feeds
 from .prompt import TextStream, check_length, first_turn_ids, load_tokenizer, next_turn_ids
@@ -63,10 +64,11 @@ class Result:
     decode_tokens_per_s: float | None  # tokens after the first / decode_ms; None with one token
     kv_bytes: int  # the cache positions this row holds after this turn (batch padding not counted)
     kv_bytes_allocated: int  # the whole cache (all rows of a batch)
-    kv_bytes_uncompressed: int  # this row's positions with all visual_tokens_total patches instead
+    kv_bytes_uncompressed: int  # this row's positions with all visual_tokens_total patches instead, every layer
     peak_rss_bytes: int
     batch: int = 1  # rows answered together
     kept_index: tuple[int, ...] = field(default=(), repr=False)  # source patch per visual token, -1 CLS / merged
+    kv_bytes_groups: tuple[int, ...] = ()  # kv_bytes per cache layer group (FastV / SparseVLM: > 1 group)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -109,8 +111,15 @@ class Pipeline:
             trt_cache = gpu_cache_dir(self.engine, device_id)  # once: it asks the driver (or nvidia-smi)
         self.vision = self._open(backend, "vision", provider, threads, device_id, trt_cache)
         self.llm = self._open(backend, "llm", provider, threads, device_id, trt_cache)
-        self.vision.activate()
-        self.llm.activate()
+        # FastV / SparseVLM: the image prefill, which drops visual tokens inside the LLM, is a graph of its own.
+        self.llm_prefill = self._open(backend, PREFILL_GRAPH, provider, threads, device_id, trt_cache) \
+            if PREFILL_GRAPH in self.engine.graphs else None
+        for graph in self._graphs():
+            graph[1].activate()
+
+    def _graphs(self) -> list[tuple[str, Backend]]:
+        graphs = [("vision", self.vision), ("llm", self.llm)]
+        return graphs + ([(PREFILL_GRAPH, self.llm_prefill)] if self.llm_prefill is not None else [])
 
     def _open(self, backend: str, graph: str, provider: str, threads: int | None, device_id: int,
               trt_cache: str | PathLike | None) -> Backend:
@@ -138,7 +147,7 @@ class Pipeline:
         Returns seconds per graph. The feeds are zeros under all-ones masks: only their shapes matter.
         """
         seconds = {}
-        for name, backend in (("vision", self.vision), ("llm", self.llm)):
+        for name, backend in self._graphs():
             progress(f"{name}: first run ({backend.path.name})")
             t0 = time.perf_counter()
             backend.run(typical_feeds(self.engine, name))
@@ -185,8 +194,8 @@ class Pipeline:
         return Batch(self, images, raw, config).ask(prompts, max_new_tokens, on_text)
 
     def close(self) -> None:
-        self.vision.close()
-        self.llm.close()
+        for _, backend in self._graphs():
+            backend.close()
 
     def __enter__(self) -> Pipeline:
         return self
@@ -263,16 +272,31 @@ class Batch:
         self.visual = encode_images(pipe.vision, self.pixel_values, text)
         for row, visual in zip(ids, self.visual):
             check_length(0, row.text_tokens, len(visual.tokens), config.max_new_tokens, pipe.limits.max_positions)
-        dtype = engine.llm.np_dtype
-        # Each row [before | its visual tokens | after] -> embeds [B, T, D], left-padded
-        rows = [np.concatenate([embed(pipe.table, i.before), v.tokens.astype(dtype), embed(pipe.table, i.after)])
-                for i, v in zip(ids, self.visual)]
-        embeds, mask = pad_left(rows)
+        dtype, pruning = engine.llm.np_dtype, engine.llm.pruning
+        if pruning is None:
+            # Each row [before | its visual tokens | after] -> embeds [B, T, D], left-padded
+            rows = [np.concatenate([embed(pipe.table, i.before), v.tokens.astype(dtype),
+                                    embed(pipe.table, i.after)]) for i, v in zip(ids, self.visual)]
+            embeds, mask = pad_left(rows)
+        else:
+            # Every visual slot, padding masked: the graph cuts a constant number of them per row.
+            if not all(i.after for i in ids):
+                raise EngineError(f"{engine.method_name} + {pruning.method} ranks the visual tokens by the "
+                                  "attention of the text after the image: the prompt has none")
+            rows = [np.concatenate([embed(pipe.table, i.before), v.slots.astype(dtype), embed(pipe.table, i.after)])
+                    for i, v in zip(ids, self.visual)]
+            masks = [np.concatenate([np.ones(len(i.before), np.int64), np.arange(v.num_slots) < len(v.tokens),
+                                     np.ones(len(i.after), np.int64)]) for i, v in zip(ids, self.visual)]
+            embeds, mask = pad_left(rows, masks)
+            visual_start = np.array([embeds.shape[1] - len(r) + len(i.before) for r, i in zip(rows, ids)], np.int64)
         self.cache = KVCache(pipe.llm, engine.llm, self.size, embeds.shape[1] + config.max_new_tokens)
         t1 = time.perf_counter()
-        logits = prefill(pipe.llm, self.cache, embeds, mask)
+        if pruning is None:
+            logits = prefill(pipe.llm, self.cache, embeds, mask)
+        else:
+            logits = prefill_pruned(pipe.llm_prefill, self.cache, pruning, embeds, mask, visual_start)
         prefill_ms = (time.perf_counter() - t1) * 1e3
-        return logits, dict(t0=t0, prompt_tokens=[len(r) for r in rows],
+        return logits, dict(t0=t0, prompt_tokens=[int(m.sum()) for m in mask],
                             prompt_text_tokens=[i.text_tokens for i in ids], preprocess_ms=self.preprocess_ms,
                             vision_ms=self.visual[0].vision_ms, prefill_ms=prefill_ms)
 
@@ -326,6 +350,7 @@ class Batch:
         decode_s = t_last - t_first
         kept, total = len(self.visual[row].tokens), engine.vision.num_patches
         kv_bytes = cache.row_bytes(row)
+        positions = int(cache.mask[row, :cache.length].sum())  # every layer's, were nothing pruned
         return Result(
             text=pipe.tokenizer.decode([t for t in tokens if t != eos], skip_special_tokens=True),
             token_ids=tuple(tokens),
@@ -343,7 +368,8 @@ class Batch:
             decode_tokens_per_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else None,
             kv_bytes=kv_bytes,
             kv_bytes_allocated=cache.nbytes_allocated,
-            kv_bytes_uncompressed=kv_bytes + (total - kept) * cache.per_token_bytes,
+            kv_bytes_uncompressed=(positions + total - kept) * cache.per_token_bytes,
+            kv_bytes_groups=tuple(cache.group_bytes(row)),
             peak_rss_bytes=rss,
             batch=self.size,
             kept_index=tuple(int(i) for i in self.visual[row].kept_index),

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from .engine import EngineFolder
-from .manifest import BATCH, SEQ, TEXT_LEN, TOTAL, GraphSpec, Limits, Manifest, Profile, ShapeRange
+from .manifest import (BATCH, PREFILL_GRAPH, SEQ, TEXT_LEN, TOTAL, GraphSpec, Limits, Manifest, Profile,
+                       ShapeRange)
 
 PREFILL, DECODE = "prefill", "decode"
 TYPICAL_TEXT = 32  # prompt tokens a profile is tuned for (a question, the template's words)
@@ -55,7 +56,7 @@ def axis_ranges(manifest: Manifest, phase: str | None) -> dict[str, tuple[int, i
         raise ValueError(f"unknown phase {phase!r}")
     ranges[SEQ], ranges[TOTAL] = seq, total
     for group in manifest.llm.cache.groups:
-        ranges[group.past_axis] = past
+        ranges[group.past_axis], ranges[group.total_axis] = past, total
     return ranges
 
 
@@ -76,6 +77,11 @@ def input_profile(spec: GraphSpec, ranges: Mapping[str, tuple[int, int, int]]) -
 def graph_profiles(manifest: Manifest, graph: str, native: bool) -> tuple[Profile, ...]:
     """The optimisation profiles of `graph`: the LLM's prefill and decode natively, one range for the EP."""
     spec = manifest.graphs[graph]
+    if graph == PREFILL_GRAPH:  # an image prompt: the visual slots and at least one text token after them
+        ranges = axis_ranges(manifest, PREFILL)
+        low, opt, top = ranges[SEQ]
+        ranges[SEQ] = (min(manifest.llm.pruning.visual_slots + 1, top), opt, top)
+        return (input_profile(spec, ranges),)
     phases = (PREFILL, DECODE) if native and graph == "llm" else (None,)
     return tuple(input_profile(spec, axis_ranges(manifest, phase)) for phase in phases)
 
@@ -132,5 +138,5 @@ def typical_feeds(engine: EngineFolder, graph: str) -> dict[str, np.ndarray]:
     spec = engine.graphs[graph]
     (profile,) = graph_profiles(engine.manifest, graph, native=False)
     make = {True: np.ones, False: np.zeros}
-    return {name: make[name.endswith("_mask")](profile[name].opt if name in profile else t.shape, t.np_dtype)
+    return {name: make["_mask" in name](profile[name].opt if name in profile else t.shape, t.np_dtype)
             for name, t in spec.inputs.items()}

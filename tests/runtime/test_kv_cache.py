@@ -12,16 +12,17 @@ import pytest
 
 from sparsezip_deploy.runtime.backends.ort import OrtBackend
 from sparsezip_deploy.runtime.kv_cache import KVCache
-from sparsezip_deploy.runtime.manifest import CacheGroup, CacheLayout, GraphSpec, LlmInfo, TensorSpec
+from sparsezip_deploy.runtime.manifest import (CacheGroup, CacheLayout, GraphSpec, LlmInfo, LlmPruning, PruneStage,
+                                               TensorSpec)
 from sparsezip_deploy.runtime.pipeline import Pipeline
 
 LAYERS, HEADS, HEAD_DIM = 3, 2, 4
 SPEC = GraphSpec("none.onnx", {"x": TensorSpec("float32", (1,))}, {"y": TensorSpec("float32", (1,))})
 
 
-def llm_info(dtype="float32", cache=None) -> LlmInfo:
+def llm_info(dtype="float32", cache=None, pruning=None) -> LlmInfo:
     return LlmInfo(LAYERS, HEADS, HEAD_DIM, 8, 16, 64, dtype, "embed_tokens.npy",
-                   cache or CacheLayout.single_group(LAYERS))
+                   cache or CacheLayout.single_group(LAYERS), pruning)
 
 
 @pytest.fixture
@@ -94,16 +95,30 @@ def test_growing_keeps_the_held_positions(backend):
     assert cache.length == 6
 
 
-def test_each_group_keeps_its_own_length(backend):
-    layout = CacheLayout(groups=(CacheGroup((0,), "past"), CacheGroup((1, 2), "past_late")))
-    cache = KVCache(backend, llm_info(cache=layout), batch=1, capacity=8)
-    cache.bind(3)
-    cache.advance(np.ones((1, 3), np.int64))
-    cache.groups[1].length = 1  # what a method that drops tokens in later layers would keep
+def test_each_group_keeps_its_own_length_and_mask(backend):
+    layout = CacheLayout(groups=(CacheGroup((0,), "past"), CacheGroup.pruned(1, (1, 2))))
+    pruning = LlmPruning("fastv", 2, (PruneStage(0, 1),), {"method": "fastv"})
+    cache = KVCache(backend, llm_info(cache=layout, pruning=pruning), batch=2, capacity=8)
+    # An image prefill of 4 slots: group 1 keeps 3 of them (the graph says which, and their mask).
+    _, out = cache.bind([4, 3])
+    assert out["new_key_values.0.key"].shape[0] == 4 and out["new_key_values.2.value"].shape[0] == 3
+    cache.advance_groups([np.array([[0, 1, 1, 1], [1, 1, 1, 1]]), np.array([[0, 1, 1], [1, 1, 1]])])
+    assert cache.input_pos.tolist() == [3, 4]
     past, _ = cache.bind(1)
-    assert past["past_key_values.0.key"].shape[0] == 3 and past["past_key_values.2.key"].shape[0] == 1
-    slot = HEADS * HEAD_DIM * 4
-    assert cache.nbytes_used == (3 * 2 + 1 * 4) * slot
+    assert past["past_key_values.0.key"].shape[0] == 4 and past["past_key_values.2.key"].shape[0] == 3
+    step = np.array([[1], [0]])
+    masks = cache.attention_masks(step)
+    assert masks["attention_mask"].tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert masks["attention_mask.1"].tolist() == [[0, 1, 1, 1], [1, 1, 1, 0]]
+    state = cache.snapshot()
+    cache.advance(step)
+    slot = HEADS * HEAD_DIM * 4  # one position of one row of one tensor
+    assert cache.nbytes_used == (5 * 2 + 4 * 4) * 2 * slot
+    assert cache.group_bytes(0) == [4 * 2 * slot, 3 * 4 * slot] and cache.group_bytes(1) == [4 * 2 * slot, 3 * 4 * slot]
+    assert cache.row_bytes(1) == sum(cache.group_bytes(1))
+    cache.restore(state)
+    assert [g.length for g in cache.groups] == [4, 3] and cache.input_pos.tolist() == [3, 4]
+    assert cache.attention_masks(step)["attention_mask.1"].tolist() == masks["attention_mask.1"].tolist()
 
 
 # -- the real decode loop, through IOBinding on the CPU EP
