@@ -47,7 +47,8 @@ from sparsezip_deploy.runtime.errors import UserError
 from sparsezip_deploy.runtime.manifest import (DEFAULT_MAX_BATCH, DEFAULT_MAX_TEXT_LEN, FORMAT_VERSION,
                                                TOKENIZER, Limits, LlmInfo, Manifest, PromptTemplate, TokenIds,
                                                VisionInfo, artifact_entries, tool_versions, write_manifest)
-from sparsezip_deploy.sparsezip.config import CONFIGS, MethodConfig, config_to_dict
+from sparsezip_deploy.llm_prune.config import PRUNE_CONFIGS, PruneConfig
+from sparsezip_deploy.sparsezip.config import CONFIGS, MethodConfig, NoneConfig, config_to_dict
 
 DEFAULT_MODEL = "shapes"
 DEFAULT_METHOD = "sparsezip"
@@ -77,7 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="'shapes' (the embedded default, trained on generated scenes), 'tiny' (random-init, "
                         "for tests), a llava-hf folder or an original LLaVA folder")
     p.add_argument("--vision-tower", default=None, help="CLIP folder for an original LLaVA model")
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(CONFIGS))
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=[*CONFIGS, *PRUNE_CONFIGS],
+                   help="a vision-side method (in vision.onnx), or an in-LLM one (fastv, sparsevlm: in the "
+                        "LLM's image prefill, every patch to the LLM)")
+    p.add_argument("--llm-prune", default=None, choices=list(PRUNE_CONFIGS),
+                   help="stack an in-LLM method on the vision-side --method (e.g. sparsezip to 192, then "
+                        "sparsevlm inside the LLM)")
     p.add_argument("--out", type=Path, default=None, help="engine folder (default: engines/<model>-<method>)")
     p.add_argument("--force", action="store_true", help="replace an existing engine folder")
     p.add_argument("--llm-dtype", default="float32", choices=["float32", "float16"],
@@ -110,6 +116,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     calib.add_argument("--calib-images", type=Path, default=None,
                        help="folder of calibration images (default: generated scenes)")
     calib.add_argument("--calib-count", type=int, default=32, help="calibration images to use")
+    prune = p.add_argument_group(
+        "in-LLM pruning options (fastv, sparsevlm)", "unset options take the paper's defaults")
+    prune.add_argument("--prune-layers", type=_ints, default=None,
+                       help="fastv: K, the first layer on the kept tokens (default 2); sparsevlm: the layers "
+                            "after which it prunes, e.g. 2,6,15 (default: the paper's, scaled to the depth)")
+    prune.add_argument("--prune-keep", type=_ints, default=None,
+                       help="visual tokens kept: fastv one count (default half), sparsevlm one per stage")
+    prune.add_argument("--prune-budget", type=int, default=None,
+                       help="instead of --prune-keep: the average visual tokens over the LLM's layers "
+                            "(sparsevlm default 192: the paper's schedules)")
+    prune.add_argument("--recycle", type=float, default=None,
+                       help="sparsevlm: share of each stage's dropped tokens recycled (default 0.3)")
+    prune.add_argument("--clusters", type=float, default=None,
+                       help="sparsevlm: merged tokens per recycled token (default 0.1)")
     group = p.add_argument_group(
         "method options", "each applies to the methods that have it; unset options take the method's default")
     for name, f in _method_fields().items():
@@ -121,16 +141,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
+def vision_method(args: argparse.Namespace) -> str:
+    """The method in vision.onnx: --method, or none under an in-LLM --method."""
+    return NoneConfig.method if args.method in PRUNE_CONFIGS else args.method
+
+
+def prune_config(args: argparse.Namespace) -> PruneConfig | None:
+    """The in-LLM method (--method fastv|sparsevlm, or --llm-prune), from the --prune-* options."""
+    if args.method in PRUNE_CONFIGS and args.llm_prune is not None:
+        raise ExportError(f"--llm-prune stacks on a vision-side --method; {args.method} is in-LLM already")
+    name = args.method if args.method in PRUNE_CONFIGS else args.llm_prune
+    given = {flag: getattr(args, flag) for flag in ("prune_layers", "prune_keep", "prune_budget", "recycle",
+                                                    "clusters") if getattr(args, flag) is not None}
+    if name is None:
+        if given:
+            raise ExportError(f"{', '.join(_option(f) for f in given)}: no in-LLM method (--method fastv|sparsevlm "
+                              "or --llm-prune)")
+        return None
+    if args.prune_keep is not None and args.prune_budget is not None:
+        raise ExportError("give --prune-keep or --prune-budget, not both")
+    if name == "fastv":
+        if args.recycle is not None or args.clusters is not None:
+            raise ExportError("--recycle and --clusters are sparsevlm's (fastv recycles nothing)")
+        for flag in ("prune_layers", "prune_keep"):
+            if len(given.get(flag, (0,))) != 1:
+                raise ExportError(f"fastv takes one {_option(flag)} value, got {','.join(map(str, given[flag]))}")
+        options = dict(layer=given.get("prune_layers", (None,))[0], keep=given.get("prune_keep", (None,))[0],
+                       budget=args.prune_budget)
+    else:
+        options = dict(layers=args.prune_layers, keep=args.prune_keep, budget=args.prune_budget,
+                       recycle=args.recycle, clusters=args.clusters)
+    return PRUNE_CONFIGS[name](**{k: v for k, v in options.items() if v is not None})
+
+
 def method_config(args: argparse.Namespace) -> MethodConfig:
-    cls = CONFIGS[args.method]
+    cls = CONFIGS[vision_method(args)]
     own = {f.name for f in dataclasses.fields(cls)}
     given = {name: getattr(args, name) for name in _method_fields() if getattr(args, name) is not None}
     foreign = sorted(set(given) - own)
     if foreign:
-        raise ExportError(f"method {args.method} has no option(s) {', '.join(_option(n) for n in foreign)}")
+        raise ExportError(f"method {cls.method} has no option(s) {', '.join(_option(n) for n in foreign)}")
     if args.target_mean_k is not None:
         if "dynamic_k" not in own:
-            raise ExportError(f"--target-mean-k needs a method with a dynamic K (sparsezip), not {args.method}")
+            raise ExportError(f"--target-mean-k needs a method with a dynamic K (sparsezip), not {cls.method}")
         if given.get("dynamic_k") is False:
             raise ExportError("--target-mean-k calibrates the dynamic K: drop --no-dynamic-k")
         given["dynamic_k"] = True
@@ -174,6 +234,10 @@ class Progress:
 
 def build(args: argparse.Namespace) -> Path:
     config = method_config(args)
+    pruning = prune_config(args)
+    if pruning is not None and args.llm_quant != "none":
+        raise ExportError("--llm-quant with an in-LLM method is not supported yet: its image prefill graph "
+                          "would stay float")
     check_limit_options(args)
     if args.calib_count < 1:
         raise ExportError(f"--calib-count must be >= 1, got {args.calib_count}")
@@ -183,7 +247,9 @@ def build(args: argparse.Namespace) -> Path:
         raise ExportError("--vision-int8 quantises a float32 vision graph: drop --vision-dtype")
     optional = (args.vision_int8 is not None) + (args.target_mean_k is not None) + (args.llm_quant != "none") \
         + (args.target is not None)
-    out = args.out or Path("engines") / f"{_model_name(args.model)}-{config.method}"
+    label = pruning.method if args.method in PRUNE_CONFIGS else \
+        config.method + (f"+{pruning.method}" if pruning is not None else "")
+    out = args.out or Path("engines") / f"{_model_name(args.model)}-{label}"
     check_out(out, _model_folders(args), args.force)
     for line in sweep(out):
         print(line)
@@ -191,7 +257,7 @@ def build(args: argparse.Namespace) -> Path:
         raise ExportError(f"{out} exists; pass --force to replace it")
     tmp = make_partial(out)
     try:
-        progress = Progress(7 + optional + _calibrating(args))
+        progress = Progress(7 + optional + _calibrating(args) + 2 * (pruning is not None))
         progress(f"loading model {args.model}")
         from sparsezip_deploy.export.llm import DecoderGraph
         from sparsezip_deploy.export.models import load_model
@@ -201,9 +267,20 @@ def build(args: argparse.Namespace) -> Path:
             graph = VisionGraph(loaded.model, config, args.vision_dtype).eval()
         except ValueError as e:
             raise ExportError(str(e)) from None
-        decoder = DecoderGraph(loaded.model, args.llm_dtype).eval()
+        prefill = None
+        if pruning is None:
+            decoder = DecoderGraph(loaded.model, args.llm_dtype).eval()
+        else:
+            from sparsezip_deploy.export.llm_prune import PrefillGraph, pruned_layout
+            num_layers = loaded.model.config.text_config.num_hidden_layers
+            try:
+                stages = pruning.stages(num_layers, graph.num_slots)
+            except ValueError as e:
+                raise ExportError(str(e)) from None
+            decoder = DecoderGraph(loaded.model, args.llm_dtype, pruned_layout(num_layers, stages)).eval()
+            prefill = PrefillGraph(decoder, pruning, graph.num_slots).eval()
         limits = serving_limits(args, decoder.max_positions)
-        manifest = _build_into(tmp, loaded, graph, decoder, limits, progress, args)
+        manifest = _build_into(tmp, loaded, graph, decoder, prefill, limits, progress, args)
         progress(f"moving into place: {out}")
         (tmp / BUILDER).unlink()
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide the engine from other users
@@ -215,6 +292,10 @@ def build(args: argparse.Namespace) -> Path:
         raise
     print(f"engine: {out}  method {config.method}, {manifest.vision.num_slots} slots "
           f"of {manifest.vision.num_patches} patches")
+    if manifest.llm.pruning is not None:
+        stages = ", ".join(f"after layer {s.after}: {s.keep}" + (f" + {s.merged} merged" if s.merged else "")
+                           for s in manifest.llm.pruning.stages)
+        print(f"        in the LLM: {manifest.llm.pruning.method}, visual tokens {stages}")
     return out
 
 
@@ -352,7 +433,7 @@ def sweep(out: Path) -> list[str]:
     return lines
 
 
-def _build_into(folder: Path, loaded, graph, decoder, limits: Limits, progress: Progress,
+def _build_into(folder: Path, loaded, graph, decoder, prefill, limits: Limits, progress: Progress,
                 args: argparse.Namespace) -> Manifest:
     from sparsezip_deploy.export.llm import check_llm, export_llm, save_embeddings
     from sparsezip_deploy.export.prompt import prompt_formats
@@ -370,6 +451,15 @@ def _build_into(folder: Path, loaded, graph, decoder, limits: Limits, progress: 
     progress("checking llm.onnx against PyTorch (prefill and decode)")
     for line in check_llm(decoder, folder / "llm.onnx"):
         print(f"      {line}")
+    graphs, files = {}, []
+    if prefill is not None:
+        from sparsezip_deploy.export.llm_prune import check_prefill, export_prefill
+        progress(f"exporting llm_prefill.onnx (the image prefill, {prefill.config.method} inside the LLM)")
+        graphs["llm_prefill"], prefill_external = export_prefill(prefill, folder / "llm_prefill.onnx")
+        files += ["llm_prefill.onnx"] + (["llm_prefill.onnx.data"] if prefill_external else [])
+        progress("checking llm_prefill.onnx against PyTorch")
+        for line in check_prefill(prefill, folder / "llm_prefill.onnx"):
+            print(f"      {line}")
     llm_precision = decoder.dtype_name
     if args.llm_quant != "none":
         from sparsezip_deploy.calib.llm_quant import quantize_llm
@@ -394,7 +484,7 @@ def _build_into(folder: Path, loaded, graph, decoder, limits: Limits, progress: 
     loaded.tokenizer.save(str(folder / TOKENIZER))
     token = loaded.tokenizer.id_to_token
     vc = loaded.model.config.vision_config
-    files = ["vision.onnx", "llm.onnx", "embed_tokens.npy", TOKENIZER] + (["llm.onnx.data"] if external else [])
+    files += ["vision.onnx", "llm.onnx", "embed_tokens.npy", TOKENIZER] + (["llm.onnx.data"] if external else [])
     try:
         manifest = Manifest(
             format_version=FORMAT_VERSION,
@@ -411,15 +501,17 @@ def _build_into(folder: Path, loaded, graph, decoder, limits: Limits, progress: 
                 num_layers=decoder.num_layers, num_kv_heads=decoder.num_kv_heads, head_dim=decoder.head_dim,
                 hidden_size=decoder.hidden_size, vocab_size=decoder.vocab_size,
                 max_position_embeddings=decoder.max_positions, dtype=decoder.dtype_name,
-                embed_tokens="embed_tokens.npy", cache=decoder.cache),
+                embed_tokens="embed_tokens.npy", cache=decoder.cache,
+                pruning=None if prefill is None else prefill.pruning),
             tokens=TokenIds(image_token_id=loaded.image_token_id, bos_token_id=loaded.bos_token_id,
                             eos_token_id=loaded.eos_token_id, pad_token_id=loaded.pad_token_id),
             prompt=PromptTemplate(**prompt_formats(loaded.chat_template, token(loaded.image_token_id),
                                                    token(loaded.bos_token_id), token(loaded.eos_token_id))),
             chat_template=loaded.chat_template,
-            graphs={"vision": vision_io, "llm": llm_io},
+            graphs={"vision": vision_io, "llm": llm_io, **graphs},
             precision={"vision": calibration.get("vision_int8", {}).get("precision", graph.dtype_name),
-                       "llm": llm_precision, "embed_tokens": decoder.dtype_name},
+                       "llm": llm_precision, "embed_tokens": decoder.dtype_name,
+                       **({"llm_prefill": decoder.dtype_name} if prefill is not None else {})},
             calibration=calibration,
             tools=tools,
             artifacts=artifact_entries(folder, files),
