@@ -14,8 +14,18 @@ At each budget B (visual tokens the LLM sees):
   outside the held-out set so that the mean K is B - 1 - m (as calib/ would fit it);
   the plot puts it at the mean kept count it actually reached.
 
-m = round(10 B / 64), VisionZip's 54:10 split. Writes JSON (per method, budget and
-question type, small-object questions apart, chance per type) and a PNG.
+m = round(10 B / 64), VisionZip's 54:10 split. In the LLM (every patch reaches it):
+
+- fastv: K = 2 (the paper's), the last layer sees the B best-attended tokens;
+- sparsevlm: stages after layers 0 and 1 (the paper's 2, 6, 15 of 32, scaled to
+  this model's 3 layers), keeping 2B then B (+ recycled tokens).
+  (A shallower LLM: the nearest these can be, see `llm_variants`.)
+
+Their B is what the pruned layers carry at the end; the layer average they
+reach (the first layers see all 576) is reported and is where the plot puts
+them: on a 3-layer LLM no in-LLM method can average 64. Writes JSON (per
+method, budget and question type, small-object questions apart, chance per
+type) and a PNG.
 """
 from __future__ import annotations
 
@@ -64,6 +74,31 @@ def fixed_variants(budget: int) -> list[Variant]:
                                           "--contextual", str(m))),
             Variant("sparsezip", budget, (*fixed, "--beta", "0")),
             Variant("sparsezip-text", budget, fixed)]
+
+
+def llm_variants(budget: int, num_layers: int) -> list[Variant]:
+    """FastV at K = 2 (or the last layer of a shallower LLM); SparseVLM at its default (scaled) layers,
+    each stage halving what the next keeps, ending at `budget`."""
+    from sparsezip_deploy.llm_prune.config import SparseVLMConfig
+
+    layer = min(2, num_layers - 1)
+    stages = len(SparseVLMConfig().after_layers(num_layers))
+    keeps = ",".join(str(budget << (stages - 1 - s)) for s in range(stages))
+    return [Variant("fastv", budget, ("--method", "fastv", "--prune-layers", str(layer), "--prune-keep",
+                                      str(budget))),
+            Variant("sparsevlm", budget, ("--method", "sparsevlm", "--prune-keep", keeps))]
+
+
+def layer_average(engine: Path) -> float | None:
+    """Visual tokens an in-LLM method's layers carry on average (None: no in-LLM pruning)."""
+    from sparsezip_deploy.llm_prune.config import Stage, average_visual
+    from sparsezip_deploy.runtime.manifest import read_manifest
+
+    llm = read_manifest(engine).llm
+    if llm.pruning is None:
+        return None
+    stages = tuple(Stage(s.after, s.keep, s.merged) for s in llm.pruning.stages)
+    return average_visual(stages, llm.num_layers, llm.pruning.visual_slots)
 
 
 def build(work: Path, model: str, label: str, options: tuple[str, ...]) -> Path:
@@ -217,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS / "accuracy.json", help="JSON report; the PNG goes beside it")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-pytorch", action="store_true", help="do not score the PyTorch model")
+    p.add_argument("--llm-prune", action=argparse.BooleanOptionalAction, default=True,
+                   help="also score the in-LLM methods (fastv, sparsevlm)")
     args = p.parse_args(argv)
 
     examples = heldout(per_type=args.per_type)
@@ -228,11 +265,25 @@ def main(argv: list[str] | None = None) -> int:
         calibration.append(Example(scene, questions[int(rng.integers(len(questions)))]))
     variants = [Variant("none", None, ("--method", "none"))]
     variants += [v for b in args.budgets for v in fixed_variants(b)]
-    variants += dynamic_variants(args.work, args.model, args.budgets, calibration, args.threads)
+    try:
+        variants += dynamic_variants(args.work, args.model, args.budgets, calibration, args.threads)
+    except SystemExit as failed:  # its probe engine did not build: the dynamic rows say why
+        print(failed, flush=True)
+        variants += [Variant(f"sparsezip-dynamic{t}", b, ()) for t in ("", "-text") for b in args.budgets]
+        dynamic_error = str(failed)
+    else:
+        dynamic_error = None
+    if args.llm_prune:
+        from sparsezip_deploy.runtime.manifest import read_manifest
+        layers = read_manifest(build(args.work, args.model, "none", variants[0].options)).llm.num_layers
+        variants += [v for b in args.budgets for v in llm_variants(b, layers)]
 
     results = []
     for v in variants:
         label = v.name if v.budget is None else f"{v.name}-{v.budget}"
+        if not v.options:  # a dynamic variant without its probe
+            results.append({"method": v.name, "budget": v.budget, "build_options": [], "error": dynamic_error})
+            continue
         try:
             engine = build(args.work, args.model, label, v.options)
         except SystemExit as failed:  # reported, not hidden: the row says why it has no accuracy
@@ -242,8 +293,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.perf_counter()
         answers, kept = run_engine(engine, examples, args.threads)
+        extra = {}
+        if (average := layer_average(engine)) is not None:  # the LLM receives every patch, then prunes
+            extra = {"kept_mean": average, "fed_to_llm": kept, "carried_last": v.budget}
         results.append({"method": v.name, "budget": v.budget, "kept_mean": kept, "build_options": list(v.options),
-                        **score(answers, examples)})
+                        **score(answers, examples), **extra})
+        kept = results[-1]["kept_mean"]
         print(f"{label:28s} kept {kept:6.1f}  accuracy {100 * results[-1]['all']:5.1f}%  "
               f"small {100 * results[-1]['small_objects']:5.1f}%  ({time.perf_counter() - t0:.0f}s)", flush=True)
         if v.name == "none":
