@@ -2,8 +2,13 @@
 
     inputs_embeds [B,S,D], attention_mask [B,P+S] (1 = attend), position_ids [B,S],
     past_key_values.{i}.key|value [P,B,kv_heads,head_dim]
+    (+ attention_mask.{g} [B,P_g+S] per later layer group g, whose layers' pasts are [P_g,...])
     -> logits [B,1,V] (last position only, float32),
        new_key_values.{i}.key|value [S,B,kv_heads,head_dim] (the S new positions only)
+
+Layer groups exist when a method prunes inside the LLM (export/llm_prune.py):
+its image prefill leaves fewer positions in later layers, so each group has
+its own past length and mask; one group otherwise.
 
 Why sequence-major and new-only: the runtime keeps one buffer per cache tensor,
 laid out [capacity, B, kv_heads, head_dim]. Its first P positions are one

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-# Attention probabilities are in [0, 1]: an invalid visual slot j scores INVALID - j / V (below every
-# real score, distinct, lower j first), a kept one KEPT (below those) when the dropped ones are ranked.
+# Attention probabilities are in [0, 1]: an invalid visual slot scores INVALID (below every real score),
+# a kept one KEPT (below those) when the dropped ones are ranked; equal ones rank by index.
 INVALID, KEPT = -1.0, -3.0
 EPS = 1e-6
 
@@ -58,8 +58,7 @@ def visual_scores(probs: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, v
     w = rows.float().unsqueeze(-1)
     received = (received * w).sum(1) / w.sum(1).clamp_min(1)  # [B,S]
     cols = visual_columns(visual_start, visual)
-    order = torch.arange(visual, device=probs.device, dtype=torch.float32) / visual
-    return torch.where(row_gather(mask, cols) > 0, row_gather(received, cols), INVALID - order)
+    return torch.where(row_gather(mask, cols) > 0, row_gather(received, cols), INVALID)
 
 
 def ranks(scores: torch.Tensor) -> torch.Tensor:
@@ -91,7 +90,8 @@ def top(scores: torch.Tensor, count: int) -> torch.Tensor:
 def keep_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """[B,V] -> [B,keep] int64: the `keep` best, in increasing order."""
     kept = ranks(scores) < keep
-    return pick(kept, kept.long().cumsum(1) - 1, keep)
+    # A float CumSum (exact below 2^24): TensorRT's takes no integers.
+    return pick(kept, (kept.float().cumsum(1) - 1).long(), keep)
 
 
 def dropped_best(scores: torch.Tensor, kept: torch.Tensor, count: int) -> torch.Tensor:

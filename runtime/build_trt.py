@@ -30,10 +30,10 @@ from .backends.tensorrt import import_tensorrt, network_flags
 from .cuda import gpu_info
 from .engine import load_engine
 from .errors import EngineError, UserError
-from .manifest import Manifest, Plan, Profile, TensorRTInfo, artifact_entries, write_manifest
+from .manifest import PREFILL_GRAPH, Manifest, Plan, Profile, TensorRTInfo, artifact_entries, write_manifest
 from .profiles import graph_profiles
 
-GRAPHS = ("vision", "llm")
+GRAPHS = ("vision", "llm", PREFILL_GRAPH)  # in this order, those the folder has
 
 
 def build_plans(folder: Path, workspace_gib: float = 4.0, device_id: int = 0,
@@ -50,10 +50,11 @@ def build_plans(folder: Path, workspace_gib: float = 4.0, device_id: int = 0,
     build_id = f"{time.time_ns() // 1_000_000:x}"
     plans, written, t0 = {}, [], time.perf_counter()
     try:
-        for step, graph in enumerate(GRAPHS, 1):
+        graphs = [g for g in GRAPHS if g in manifest.graphs]
+        for step, graph in enumerate(graphs, 1):
             spec = manifest.graphs[graph]
             profiles = graph_profiles(manifest, graph, native=True)
-            say(f"[{step}/{len(GRAPHS)}] {spec.file} -> {graph}.plan ({len(profiles)} optimisation "
+            say(f"[{step}/{len(graphs)}] {spec.file} -> {graph}.plan ({len(profiles)} optimisation "
                 f"profile{'s' if len(profiles) > 1 else ''}); this takes minutes")
             t1 = time.perf_counter()
             blob = _build_one(trt, builder, logger, engine.path(spec.file), profiles, workspace_gib, say)

@@ -371,8 +371,11 @@ def format_figures(r: Result) -> str:
         f"decode         {speed} ({len(r.token_ids)} tokens, stop: {r.stop_reason})",
         f"KV cache       {_size(r.kv_bytes)} used; without compression {_size(r.kv_bytes_uncompressed)} "
         f"({saved:.0%} saved)",
-        f"peak RSS       {_size(r.peak_rss_bytes)}",
     ]
+    if len(r.kv_bytes_groups) > 1:  # pruned inside the LLM: later layers hold fewer positions
+        lines.append("  per group    " + " | ".join(_size(b) for b in r.kv_bytes_groups)
+                     + " (layers between pruning stages)")
+    lines.append(f"peak RSS       {_size(r.peak_rss_bytes)}")
     return "\n".join(["--"] + lines)
 
 
