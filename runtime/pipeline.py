@@ -264,6 +264,9 @@ class Batch:
     def _first_turn(self, prompts: Sequence[str], config: GenerationConfig) -> tuple[np.ndarray, dict]:
         pipe, engine = self.pipe, self.pipe.engine
         ids = [first_turn_ids(pipe.tokenizer, engine.prompt, engine.tokens, p, self.raw) for p in prompts]
+        if engine.llm.pruning is not None and not all(i.after for i in ids):
+            raise EngineError(f"this engine cuts visual tokens inside the LLM ({engine.llm.pruning.method}): the "
+                              "prompt needs text after the image, where the answer starts")
         t0 = time.perf_counter()
         if engine.vision.text_aware and (longest := max(len(i.text_ids) for i in ids)) > pipe.limits.max_text_len:
             raise EngineError(f"a prompt of {longest} words exceeds the engine's max_text_len "
@@ -280,9 +283,6 @@ class Batch:
             embeds, mask = pad_left(rows)
         else:
             # Every visual slot, padding masked: the graph cuts a constant number of them per row.
-            if not all(i.after for i in ids):
-                raise EngineError(f"{engine.method_name} + {pruning.method} ranks the visual tokens by the "
-                                  "attention of the text after the image: the prompt has none")
             rows = [np.concatenate([embed(pipe.table, i.before), v.slots.astype(dtype), embed(pipe.table, i.after)])
                     for i, v in zip(ids, self.visual)]
             masks = [np.concatenate([np.ones(len(i.before), np.int64), np.arange(v.num_slots) < len(v.tokens),

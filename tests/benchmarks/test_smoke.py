@@ -94,16 +94,14 @@ def test_quant_compares_quantised_engines_with_float(latency, tmp_path):
 
 def test_accuracy_scores_every_method_and_the_pytorch_model(tmp_path):
     out = tmp_path / "accuracy.json"
+    # Without the in-LLM rows (two more engine builds; tests/llm_prune checks what they build).
     run("accuracy.py", "--model", "tiny", "--budgets", "16", "--per-type", "1", "--calibration", "4",
-        "--work", str(tmp_path / "engines"), "--out", str(out))
+        "--work", str(tmp_path / "engines"), "--out", str(out), "--no-llm-prune")
     report = json.loads(out.read_text())
     methods = {r["method"] for r in report["results"]}
     assert methods == {"none", "visionzip", "sparsezip", "sparsezip-text", "sparsezip-dynamic",
-                       "sparsezip-dynamic-text", "fastv", "sparsevlm"}
+                       "sparsezip-dynamic-text"}
     assert all("error" not in r and 0 <= r["all"] <= 1 for r in report["results"])
-    # In the LLM: every patch is fed, the tiny LLM's 2 layers carry (576 + 16) / 2 on average.
-    fastv = next(r for r in report["results"] if r["method"] == "fastv")
-    assert fastv["fed_to_llm"] == 576 and fastv["kept_mean"] == (576 + 16) / 2 and fastv["carried_last"] == 16
     # The deployed uncompressed engine answers exactly as transformers' generate does.
     assert report["pytorch"]["same_answers_as_deployed_none"] == 1.0
     assert out.with_suffix(".png").stat().st_size > 0

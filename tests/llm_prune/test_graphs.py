@@ -204,7 +204,7 @@ def test_a_batch_answers_as_each_row_alone(engine):
 def test_a_prompt_without_text_after_the_image_is_one_line(engine):
     from sparsezip_deploy.runtime.errors import EngineError
     with Pipeline(engine, threads=1) as pipe:
-        with pytest.raises(EngineError, match="text after the image"):
+        with pytest.raises(EngineError, match="needs text after the image"):
             pipe.ask(SHAPES_PNG, "<image>", raw=True, max_new_tokens=2)
 
 
@@ -260,3 +260,16 @@ def test_the_fastv_prefill_graph_under_ort_equals_the_oracle(model_dir, tmp_path
         assert out[GROUP_MASK % 1][b].tolist() == want.masks[0][b].tolist()
     assert out[GROUP_SLOTS % 1].shape[1] == embeds.shape[1] - visual + 5
     np.testing.assert_allclose(out["logits"][:, -1], want.prefill_logits, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layers", [2, 3, 24])
+def test_the_accuracy_benchmarks_in_llm_variants_are_builds_this_model_accepts(layers, monkeypatch):
+    import sys
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    sys.modules.pop("accuracy", None)
+    import accuracy
+
+    for variant in accuracy.llm_variants(16, layers):
+        args = build.parse_args(["--model", "tiny", *variant.options])
+        stages = build.prune_config(args).stages(layers, 576)
+        assert stages[-1].keep == 16 and stages[-1].after < layers - 1
