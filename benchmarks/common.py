@@ -48,14 +48,39 @@ METHODS: dict[str, tuple[str, ...]] = {
     "sparsezip-dynamic": ("--method", "sparsezip", "--beta", "0", "--dynamic-k"),
     "sparsezip-64-text": ("--method", "sparsezip"),
 }
+# In-LLM pruning (FastV, SparseVLM; llm_prune/config.py): every patch reaches the LLM, which drops
+# visual tokens after some layers; N is the average of visual tokens its layers carry
+# (`average_visual`). Kept apart from METHODS so that the benchmarks' default runs (memory.py,
+# batch.py, quant.py, latency.py without --methods) do not build seven more engines; latency.py's
+# --methods accepts them by name (engine_parser(in_llm=True)).
+PRUNE_METHODS: dict[str, tuple[str, ...]] = {
+    # FastV, K = 2: layers 0-1 carry all 576, the other 22 the r = 17 / 87 / 157 best-attended.
+    "fastv-64": ("--method", "fastv", "--prune-budget", "64"),
+    "fastv-128": ("--method", "fastv", "--prune-budget", "128"),
+    "fastv-192": ("--method", "fastv", "--prune-budget", "192"),
+    # SparseVLM, stages after the paper's layers 2, 6, 15 of 32 scaled to 24: 2, 4, 11. At 64 those
+    # cannot reach the average (layers 0-2 alone carry 3 x 576 / 24 = 72, build.py refuses): the first
+    # stage moves one layer earlier, after layer 1.
+    "sparsevlm-64": ("--method", "sparsevlm", "--prune-layers", "1,4,11", "--prune-budget", "64"),
+    "sparsevlm-128": ("--method", "sparsevlm", "--prune-budget", "128"),
+    "sparsevlm-192": ("--method", "sparsevlm", "--prune-budget", "192"),
+    # Stacked: SparseZip to 192 slots in vision.onnx (1 CLS + fixed K = 181 + 10 contextual), then
+    # SparseVLM inside the LLM on those 192 down to a layer average of 64.
+    "sparsezip-192+sparsevlm": ("--method", "sparsezip", "--beta", "0", "--k-max", "181", "--contextual", "10",
+                                "--llm-prune", "sparsevlm", "--prune-budget", "64"),
+}
+ALL_METHODS: dict[str, tuple[str, ...]] = {**METHODS, **PRUNE_METHODS}
 PROMPT = "What colour is the small circle in the middle of the picture?"
 IMAGE = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
 # What the runtime process imports; the figures are only as good as these versions.
 PACKAGES = ("sparsezip-deploy", "numpy", "onnxruntime", "tokenizers", "Pillow", "matplotlib")
 
 
-def engine_parser(doc: str, size: str, new_tokens: int, threads: int, out: Path) -> argparse.ArgumentParser:
-    """The arguments latency.py and memory.py share: which engines, which question, where to write."""
+def engine_parser(doc: str, size: str, new_tokens: int, threads: int, out: Path,
+                  in_llm: bool = False) -> argparse.ArgumentParser:
+    """The arguments latency.py and memory.py share: which engines, which question, where to write.
+
+    `in_llm`: --methods also accepts PRUNE_METHODS (never in its default)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     which = p.add_mutually_exclusive_group(required=True)
@@ -63,7 +88,10 @@ def engine_parser(doc: str, size: str, new_tokens: int, threads: int, out: Path)
     which.add_argument("--build", action="store_true", help="build (or reuse) the engines of --methods in --work")
     p.add_argument("--work", type=Path, help="with --build: where the model and engines are kept")
     p.add_argument("--size", choices=list(SIZES), default=size)
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    choices = ALL_METHODS if in_llm else METHODS
+    p.add_argument("--methods", nargs="+", choices=list(choices), default=list(METHODS),
+                   help="engines to build" + (f"; the in-LLM ones ({', '.join(PRUNE_METHODS)}) only when named"
+                                              if in_llm else ""))
     p.add_argument("--image", type=Path, default=IMAGE)
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--new-tokens", type=int, default=new_tokens)
@@ -93,7 +121,7 @@ def ensure_engines(work: Path, size: str, methods: list[str]) -> dict[str, Path]
             print(f"building engine {out.name}", flush=True)
             t0 = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):
-                if build.main(["--model", str(model), "--out", str(out), "--force", *METHODS[name]]) != 0:
+                if build.main(["--model", str(model), "--out", str(out), "--force", *ALL_METHODS[name]]) != 0:
                     raise SystemExit(f"building {out.name} failed")
             print(f"  built in {time.perf_counter() - t0:.0f}s", flush=True)
         engines[name] = out

@@ -1,4 +1,4 @@
-"""Latency and KV cache of none / VisionZip / SparseZip engines, side by side.
+"""Latency and KV cache of none / VisionZip / SparseZip / in-LLM pruned engines, side by side.
 
     python benchmarks/latency.py --build --work /tmp/szbench [--size vitl-0.5b] [--reps 5]
     python benchmarks/latency.py --engines engines/a engines/b ...   # one of them method none
@@ -18,6 +18,18 @@ engine's process, a fresh one measures the read bandwidth (common.measure_bandwi
 a float32 GEMV over 1 GiB); the step's ideal is the time that reading the LLM's
 weights and the KV cache once takes at that bandwidth. Goals are reported, never
 asserted.
+
+In-LLM pruning (common.PRUNE_METHODS: FastV, SparseVLM, SparseZip + SparseVLM;
+only when named in --methods): the LLM drops visual tokens after some layers, so
+its KV cache has one layer group per stage. Per engine also: each group's
+layers, visual tokens carried, positions held (its bytes / (layers x 2 x
+kv_heads x head_dim x itemsize)) and bytes, the layer average of visual tokens,
+and whether the KV bytes are exactly the sum over groups of positions x layers
+x per-layer-token bytes. Their "ideal" token ratio is not defined (the first
+layers see every patch): prefill and TTFT speedups are reported with the
+layer-token ratio (prompt positions of none / text + layer-average visual)
+beside them, fraction_of_ideal is null, and the prefill-speedup plot leaves
+them out.
 """
 from __future__ import annotations
 
@@ -35,7 +47,8 @@ from common import (DEFAULT_SIZE, baseline_name, check_engine_args, conditions, 
 
 TIMED = ("vision_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s")
 GOALS = {"fraction_of_ideal_at_64": ">= 0.9", "compression_share_of_vision": "<= 0.01",
-         "kv_bytes": "== positions x per-token bytes (visual part: kept x per-token)",
+         "kv_bytes": "== positions x per-token bytes (visual part: kept x per-token); in-LLM pruning: "
+                     "== sum over cache groups of positions_g x layers_g x 2 x kv_heads x head_dim x itemsize",
          "none_decode_step_over_bandwidth_ideal": "<= 1.15"}
 
 
@@ -52,7 +65,7 @@ class LatencyConfig:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d = LatencyConfig()
-    p = engine_parser(__doc__, d.size, d.new_tokens, d.threads, d.out)
+    p = engine_parser(__doc__, d.size, d.new_tokens, d.threads, d.out, in_llm=True)
     p.add_argument("--reps", type=int, default=d.reps)
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--profile-runs", type=int, default=d.profile_runs)
@@ -132,27 +145,70 @@ def summarise(runs: dict[str, list[dict]], engines: dict[str, Path]) -> dict[str
                                          "prompt_text_tokens", "kv_bytes", "kv_bytes_fed", "kv_bytes_allocated",
                                          "kv_bytes_uncompressed", "kv_bytes_per_token")})
         row["generated_tokens"] = len(last["token_ids"])
+        row.update(kv_groups(last, engines[name]))
         row["kv_exact"] = (last["kv_bytes_fed"] == last["kv_bytes"] == positions * per_token and
                            last["kv_bytes_uncompressed"] - last["kv_bytes"] ==
-                           (last["visual_tokens_total"] - last["visual_tokens_kept"]) * per_token)
-        row["kv_visual_bytes"] = last["visual_tokens_kept"] * per_token
+                           (last["visual_tokens_total"] - last["visual_tokens_kept"]) * per_token) \
+            if row["pruning"] is None else row["kv_groups_exact"]
+        row["kv_visual_bytes"] = sum(g["visual_tokens"] * g["num_layers"] for g in row["kv_groups"]) \
+            * row["kv_bytes_per_layer_token"]
         row["decode_step"] = decode_step(figs, llm_weight_bytes(engines[name]))
         report[name] = row
     return report
+
+
+def kv_groups(last: dict, engine: Path) -> dict:
+    """The KV cache per layer group of the timed answer (one group without in-LLM pruning).
+
+    Per group: its layers, the visual tokens its layers carry (the manifest's stages), the
+    positions it holds measured from its bytes (bytes / (layers x per-layer-token bytes)) and
+    those expected (the prompt and answer positions of group 0, minus what the stages
+    dropped). Exact when every group's bytes are whole positions, are what is expected, sum
+    to kv_bytes, and the bytes saved against all patches in every layer are the dropped
+    visual tokens' of each group.
+    """
+    llm = manifest_of(engine).llm
+    layer_token = 2 * llm.num_kv_heads * llm.head_dim * llm.np_dtype.itemsize  # K and V, one layer, one position
+    positions = last["prompt_tokens"] + len(last["token_ids"]) - 1  # group 0: every position, never pruned
+    kept, total = last["visual_tokens_kept"], last["visual_tokens_total"]
+    measured = list(last.get("kv_bytes_groups") or [last["kv_bytes"]])
+    groups, exact = [], len(measured) == len(llm.cache.groups)
+    for index, (spec, nbytes) in enumerate(zip(llm.cache.groups, measured)):
+        carried = kept if index == 0 or llm.pruning is None else llm.pruning.carried(index)
+        expected = positions - kept + carried
+        held, rest = divmod(nbytes, len(spec.layers) * layer_token)
+        exact = exact and rest == 0 and held == expected
+        groups.append({"layers": [spec.layers[0], spec.layers[-1]], "num_layers": len(spec.layers),
+                       "visual_tokens": carried, "positions": held, "positions_expected": expected, "bytes": nbytes})
+    exact = (exact and sum(measured) == last["kv_bytes"] == last["kv_bytes_fed"] and
+             sum(g["positions_expected"] * g["num_layers"] for g in groups) * layer_token == last["kv_bytes"] and
+             last["kv_bytes_uncompressed"] - last["kv_bytes"] ==
+             sum((total - g["visual_tokens"]) * g["num_layers"] for g in groups) * layer_token)
+    pruning = llm.pruning
+    return {
+        "pruning": None if pruning is None else {
+            "method": pruning.method, "visual_slots": pruning.visual_slots, "config": dict(pruning.config),
+            "stages": [{"after": st.after, "keep": st.keep, "merged": st.merged} for st in pruning.stages]},
+        "kv_groups": groups, "kv_groups_exact": exact, "kv_bytes_per_layer_token": layer_token,
+        # What the LLM's layers carry on average (recycled tokens included); = kept without pruning.
+        "visual_tokens_layer_average": sum(g["visual_tokens"] * g["num_layers"] for g in groups) / llm.num_layers,
+    }
 
 
 def decode_step(figs: list[dict], weight_bytes: int) -> dict:
     """The decode step against the bandwidth measured right after it, round by round.
 
     A step reads the LLM's weights and the KV cache once at best; the KV it reads is
-    the mean over the answer's steps (prompt + 0 .. generated - 2 positions).
+    the mean over the answer's steps (prompt + 0 .. generated - 2 positions): the prompt's
+    KV as the cache holds it (in-LLM pruning: fewer positions in later layer groups) and
+    each generated position in every layer.
     """
     steps, ideals, rates = [], [], []
     for f in figs:
         if not f["decode_tokens_per_s"]:
             continue
-        positions = f["prompt_tokens"] + (len(f["token_ids"]) - 2) / 2
-        read = weight_bytes + positions * f["kv_bytes_per_token"]
+        generated = len(f["token_ids"])
+        read = weight_bytes + _prompt_kv_bytes(f) + (generated - 2) / 2 * f["kv_bytes_per_token"]
         rate = f["bandwidth"]["median_gb_s"]
         steps.append(1e3 / f["decode_tokens_per_s"])
         ideals.append(read / (rate * 1e9) * 1e3)
@@ -160,21 +216,33 @@ def decode_step(figs: list[dict], weight_bytes: int) -> dict:
     last = figs[-1]
     return {"ms": spread(steps), "ideal_ms": spread(ideals), "bandwidth_gb_s": spread(rates),
             "over_ideal": spread([s / i for s, i in zip(steps, ideals)]), "weight_bytes": weight_bytes,
-            "kv_bytes_first_step": last["prompt_tokens"] * last["kv_bytes_per_token"],
+            "kv_bytes_first_step": _prompt_kv_bytes(last),
             "bandwidth_kernel": last["bandwidth"]["kernel"]}
+
+
+def _prompt_kv_bytes(f: dict) -> int:
+    """The KV of the prompt alone: the answer's positions (all but the last token's) hold every layer."""
+    return f["kv_bytes"] - (len(f["token_ids"]) - 1) * f["kv_bytes_per_token"]
 
 
 def derive(report: dict[str, dict], base: str) -> None:
     """Speedups and savings against `base`, in place; each row's figures are medians."""
     b = report[base]
     for row in report.values():
-        ideal = b["prompt_tokens"] / row["prompt_tokens"]  # (visual + text) / (kept + text)
         speedup = b["prefill_ms"]["median"] / row["prefill_ms"]["median"]
+        # In-LLM pruning: the first layers see every patch, so no token ratio is "ideal"; the
+        # layer-token ratio (cost linear in layers x tokens, ranking and attention's square aside)
+        # is reported beside the speedup. Without pruning the two ratios are the same.
+        text = row["prompt_tokens"] - row["visual_tokens_kept"]
+        layer_tokens = b["prompt_tokens"] / (text + row["visual_tokens_layer_average"])
+        ideal = b["prompt_tokens"] / row["prompt_tokens"] if row["pruning"] is None else None
         saved = row["kv_bytes_uncompressed"] - row["kv_bytes"]
         split = row["vision_split_ms"]
-        row.update(ideal_ratio=ideal, prefill_speedup=speedup, fraction_of_ideal=speedup / ideal,
-                   ttft_speedup=b["ttft_ms"]["median"] / row["ttft_ms"]["median"],
+        row.update(ideal_ratio=ideal, prefill_speedup=speedup,
+                   fraction_of_ideal=None if ideal is None else speedup / ideal,
+                   layer_token_ratio=layer_tokens, ttft_speedup=b["ttft_ms"]["median"] / row["ttft_ms"]["median"],
                    kv_saved_bytes=saved, kv_saved_pct=100.0 * saved / row["kv_bytes_uncompressed"],
+                   kv_saved_vs_baseline_bytes=b["kv_bytes"] - row["kv_bytes"],
                    compression_ms=split["share_of_vision"] * row["vision_ms"]["median"])
 
 
@@ -193,12 +261,24 @@ def print_table(report: dict[str, dict]) -> None:
           f"{'KV MiB':>7} {'saved':>6} {'speedup':>7} {'ideal':>6} {'frac':>5} {'peak RSS':>9} exact")
     for name, r in report.items():
         tps = r["decode_tokens_per_s"]
+        ideal, frac = (f"{r['ideal_ratio']:>5.2f}x", f"{r['fraction_of_ideal']:>5.2f}") \
+            if r["ideal_ratio"] is not None else (f"{'-':>6}", f"{'-':>5}")
         print(f"{name:<20} {r['visual_tokens_kept']:>4} {r['vision_ms']['median']:>8.1f} "
               f"{100 * r['vision_split_ms']['share_of_vision']:>5.2f}% {r['prefill_ms']['median']:>8.1f} "
               f"{r['ttft_ms']['median']:>8.1f} {tps['median'] if tps else float('nan'):>6.2f} "
               f"{r['kv_bytes'] / 2**20:>7.2f} {r['kv_saved_pct']:>5.1f}% {r['prefill_speedup']:>6.2f}x "
-              f"{r['ideal_ratio']:>5.2f}x {r['fraction_of_ideal']:>5.2f} "
-              f"{r['peak_rss_bytes']['median'] / 2**30:>5.2f} GiB {r['kv_exact']}")
+              f"{ideal} {frac} {r['peak_rss_bytes']['median'] / 2**30:>5.2f} GiB {r['kv_exact']}")
+
+
+def print_group_table(report: dict[str, dict]) -> None:
+    """Per engine: visual tokens and KV MiB per cache layer group (layers a-b), the layer average."""
+    print(f"{'method':<24} {'avg':>6} {'L-tok':>6} {'prefill':>7} {'TTFT':>7} {'KV saved':>8} groups "
+          "(layers: visual tokens, positions, KV MiB)")
+    for name, r in report.items():
+        groups = "  ".join(f"{g['layers'][0]}-{g['layers'][1]}: {g['visual_tokens']}, {g['positions']}, "
+                           f"{g['bytes'] / 2**20:.2f}" for g in r["kv_groups"])
+        print(f"{name:<24} {r['visual_tokens_layer_average']:>6.1f} {r['layer_token_ratio']:>5.2f}x "
+              f"{r['prefill_speedup']:>6.2f}x {r['ttft_speedup']:>6.2f}x {r['kv_saved_pct']:>7.1f}% {groups}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,10 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print_table(report)
+    print_group_table(report)
     print_decode_table(report)
-    from plots import latency_plots
+    from plots import kv_bars, speedup_vs_kept, ttft_bars
 
-    for path in latency_plots(report, base, args.out.with_suffix("")):
+    stem = args.out.with_suffix("")
+    # The speedup plot draws the ideal token-ratio curve, which an in-LLM method has not.
+    vision_side = {name: r for name, r in report.items() if r["pruning"] is None}
+    for path in (ttft_bars(report, Path(f"{stem}-ttft.png")), kv_bars(report, Path(f"{stem}-kv.png")),
+                 speedup_vs_kept(vision_side, base, Path(f"{stem}-prefill-speedup.png"))):
         print(f"wrote {path}")
     print(f"wrote {args.out}")
     return 0
