@@ -55,6 +55,9 @@ DEFAULT_METHOD = "sparsezip"
 # A .partial whose builder cannot be asked (another host, no builder.json) is stale after
 # this long; no build of the tiny-to-7B models here takes close to it.
 STALE_AFTER = 24 * 3600
+# The vision parity check's images: a batch of 2 (not a static axis), its own seed
+# (calibration uses seed 0, the accuracy benchmark's held-out scenes others).
+PARITY_IMAGES, PARITY_SEED = 2, 11
 BUILDER = "builder.json"
 
 
@@ -114,7 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="fit the dynamic-K offset so the calibration images keep this many dominant "
                             "patches on average (sparsezip; turns --dynamic-k on)")
     calib.add_argument("--calib-images", type=Path, default=None,
-                       help="folder of calibration images (default: generated scenes)")
+                       help="folder of calibration images (default: generated scenes); the vision "
+                            "parity check also runs on two of them")
     calib.add_argument("--calib-count", type=int, default=32, help="calibration images to use")
     prune = p.add_argument_group(
         "in-LLM pruning options (fastv, sparsevlm)", "unset options take the paper's defaults")
@@ -241,8 +245,9 @@ def build(args: argparse.Namespace) -> Path:
     check_limit_options(args)
     if args.calib_count < 1:
         raise ExportError(f"--calib-count must be >= 1, got {args.calib_count}")
-    if args.calib_images is not None and not _calibrating(args):
-        raise ExportError("--calib-images is used by --vision-int8 and --target-mean-k; neither was given")
+    if args.calib_images is not None:  # refused before the model loads, not at the parity check
+        from sparsezip_deploy.calib.reader import image_files
+        image_files(args.calib_images)
     if args.vision_int8 is not None and args.vision_dtype != "float32":
         raise ExportError("--vision-int8 quantises a float32 vision graph: drop --vision-dtype")
     optional = (args.vision_int8 is not None) + (args.target_mean_k is not None) + (args.llm_quant != "none") \
@@ -441,8 +446,9 @@ def _build_into(folder: Path, loaded, graph, decoder, prefill, limits: Limits, p
 
     progress(f"exporting vision.onnx ({graph.layers_run} CLIP layers + {graph.method.method} + projector)")
     vision_io = export_vision(graph, folder / "vision.onnx")
-    progress("checking vision.onnx against PyTorch (ONNX Runtime CPU)")
-    for line in check_vision(graph, folder / "vision.onnx"):
+    progress(f"checking vision.onnx against PyTorch (ONNX Runtime CPU) on {PARITY_IMAGES} "
+             f"{'of the calibration images' if args.calib_images else 'generated scenes'}")
+    for line in check_vision(graph, folder / "vision.onnx", _parity_feeds(loaded, graph, args)):
         print(f"      {line}")
     save_embeddings(loaded.model, folder / "embed_tokens.npy", decoder.dtype_name)
     calibration = _calibrate_vision(folder, loaded, graph, progress, args) if _calibrating(args) else {}
@@ -521,6 +527,20 @@ def _build_into(folder: Path, loaded, graph, decoder, prefill, limits: Limits, p
         raise ExportError(f"the engine's manifest would be invalid: {e}") from None
     write_manifest(folder, manifest)
     return manifest
+
+
+def _parity_feeds(loaded, graph, args: argparse.Namespace) -> dict:
+    """Real content for the vision parity check: scenes (or the user's calibration images)
+    and object-naming prompts. Random pixels would do for the export, but a trained tower
+    maps them to near-tied scores, where any float rounding reorders the top K."""
+    from tokenizers import Tokenizer
+
+    from sparsezip_deploy.calib.reader import calibration_images
+    from sparsezip_deploy.export.vision import parity_inputs
+
+    images = calibration_images(args.calib_images, PARITY_IMAGES, seed=PARITY_SEED)
+    table = loaded.model.get_input_embeddings().weight.detach().float().numpy()
+    return parity_inputs(graph, images, loaded.image, Tokenizer.from_str(loaded.tokenizer.to_str()), table)
 
 
 def _calibrate_vision(folder: Path, loaded, graph, progress: Progress, args: argparse.Namespace) -> dict:

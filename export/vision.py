@@ -34,7 +34,7 @@ from sparsezip_deploy.sparsezip.modules import build_compressor, project_text_to
 from .errors import ExportError
 from .graph_io import dynamic_shapes, trunk_io, vision_io
 from .llm import DTYPES
-from .parity import check, check_visual_tokens
+from .parity import Comparison, check, check_selection, check_visual_tokens
 
 OPSET = 18
 
@@ -120,14 +120,22 @@ class VisionGraph(nn.Module):
     def forward(self, pixel_values, text_embeds=None, text_mask=None):
         return self.compress(*self.encode(pixel_values), text_embeds, text_mask)
 
-    def compress(self, h, cls_attn, kmet, text_embeds=None, text_mask=None):
+    def text_to_vision(self, text_embeds):
+        if not self.text_aware:
+            return None
+        return project_text_to_vision(text_embeds, self.projector.linear_1.weight.float(),
+                                      self.projector.linear_2.weight.float())
+
+    def selection_scores(self, h, cls_attn, kmet, text_embeds=None, text_mask=None):
+        """[B,P] what the method ranks patches by (None: it selects nothing)."""
+        return self.compressor.selection_scores(h, cls_attn, kmet, self.text_to_vision(text_embeds), text_mask)
+
+    def compress(self, h, cls_attn, kmet, text_embeds=None, text_mask=None, dominant=None):
         """encode's float32 features -> visual_tokens [B,S,D] float32, num_tokens [B], kept_index [B,S]:
-        selection in float32, the projector in the tower's dtype."""
-        text_vis = None
-        if self.text_aware:
-            text_vis = project_text_to_vision(text_embeds, self.projector.linear_1.weight.float(),
-                                              self.projector.linear_2.weight.float())
-        tokens, num, kept = self.compressor(h, cls_attn, kmet, text_vis, text_mask)
+        selection in float32, the projector in the tower's dtype. `dominant` [B,P] bool: these
+        patches instead of the method's own choice (parity checks)."""
+        tokens, num, kept = self.compressor(h, cls_attn, kmet, self.text_to_vision(text_embeds), text_mask,
+                                            dominant=dominant)
         visual = self.projector(tokens.to(DTYPES[self.dtype_name])).float()
         valid = torch.arange(visual.shape[1], device=visual.device).unsqueeze(0) < num.unsqueeze(-1)
         return visual * valid.unsqueeze(-1).to(visual.dtype), num, kept
@@ -191,8 +199,57 @@ def export_trunk(graph: VisionGraph, path: Path) -> GraphSpec:
     return io
 
 
-def check_vision(graph: VisionGraph, path: Path) -> list[str]:
-    """ORT vs PyTorch on the example inputs: indices and counts exact, tokens within tolerance.
+# Two prompts of different lengths (the shorter one padded) that name objects, as users' do.
+PARITY_PROMPTS = ("What colour is the small circle?", "Is there a red square to the left of the blue triangle?")
+
+
+def parity_inputs(graph: VisionGraph, images, image_config, tokenizer, table: np.ndarray) -> dict[str, torch.Tensor]:
+    """The vision graph's feeds for real content: `images` (PIL) through the runtime's own
+    preprocessing and, when text-aware, PARITY_PROMPTS as the runtime embeds them (their
+    words, rows of `table` [V,D]; tokenizer: a tokenizers.Tokenizer)."""
+    from sparsezip_deploy.runtime.generate import text_features
+    from sparsezip_deploy.runtime.preprocess import preprocess_batch
+
+    feeds = {"pixel_values": torch.from_numpy(preprocess_batch(images, image_config))}
+    if graph.text_aware:
+        prompts = [PARITY_PROMPTS[i % len(PARITY_PROMPTS)] for i in range(len(images))]
+        text = text_features(np.asarray(table, np.float32),
+                             [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts])
+        feeds.update({name: torch.from_numpy(value) for name, value in text.items()})
+    return feeds
+
+
+def _unrounded_k(graph: VisionGraph, scores: torch.Tensor) -> np.ndarray | None:
+    method = graph.method
+    if isinstance(method, SparseZipConfig) and method.dynamic_k:
+        return graph.compressor.unrounded_k(scores).numpy()
+    return None
+
+
+def _check_compressed(graph: VisionGraph, features, feeds, actual: dict[str, np.ndarray],
+                      dtype: str) -> list[Comparison]:
+    """The whole graph's ORT outputs against torch's selection and projector on `features`
+    (h, cls_attn, kmet): selected patches exact but for the reference's own top-K ties,
+    then everything against the reference run on ORT's selection."""
+    io = graph.io()
+    text = (feeds.get("text_embeds"), feeds.get("text_mask"))
+    expected = dict(zip(io.outputs, (t.numpy() for t in graph.compress(*features, *text))))
+    scores = graph.selection_scores(*features, *text)
+    results = []
+    if scores is not None:
+        selection, dominant = check_selection(expected["kept_index"], actual["kept_index"], scores.numpy(),
+                                              _unrounded_k(graph, scores))
+        results.append(selection)
+        if dominant is not None:
+            expected = dict(zip(io.outputs, (t.numpy() for t in graph.compress(
+                *features, *text, dominant=torch.from_numpy(dominant)))))
+    return results + check_visual_tokens(expected, actual, dtype)
+
+
+def check_vision(graph: VisionGraph, path: Path, feeds: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """ORT vs PyTorch on `feeds` (default: example_inputs, random pixels), best real content
+    (parity_inputs): counts and selected patches exact but for top-K ties of the reference's
+    own scores (reported, parity.check_selection), tokens within tolerance.
 
     A float16 tower in ORT and in torch rounds differently (ORT CPU has float16
     kernels for few ops and runs the rest in float32 between inserted casts), by
@@ -201,21 +258,20 @@ def check_vision(graph: VisionGraph, path: Path) -> list[str]:
     export. So a float16 graph is checked in two parts that together cover it:
     the tower (exported alone) against torch within float16 tolerance, then the
     whole graph against torch's selection and projector fed ORT's own tower
-    features, where indices must match exactly as in float32.
+    features, where indices must match as in float32.
     """
-    feeds = example_inputs(graph, seed=1)
+    feeds = example_inputs(graph, seed=1) if feeds is None else feeds
     io = graph.io()
+    actual = run_onnx(path, feeds, io)
     with torch.no_grad():
         if graph.dtype_name == "float32":
-            expected = dict(zip(io.outputs, (t.numpy() for t in graph(**feeds))))
-            return [str(c) for c in check_visual_tokens(expected, run_onnx(path, feeds, io))]
+            features = graph.encode(feeds["pixel_values"])
+            return [str(c) for c in _check_compressed(graph, features, feeds, actual, "float32")]
         with tempfile.TemporaryDirectory() as tmp:
             trunk_spec = export_trunk(graph, Path(tmp) / "trunk.onnx")
             trunk = run_onnx(Path(tmp) / "trunk.onnx", {"pixel_values": feeds["pixel_values"]}, trunk_spec)
         wanted = dict(zip(trunk_spec.outputs, (t.numpy() for t in graph.encode(feeds["pixel_values"]))))
         results = check(wanted, trunk, graph.dtype_name)
-        features = (torch.from_numpy(trunk[name]) for name in trunk_spec.outputs)
-        expected = dict(zip(io.outputs, (t.numpy() for t in graph.compress(
-            *features, feeds.get("text_embeds"), feeds.get("text_mask")))))
-    results += check_visual_tokens(expected, run_onnx(path, feeds, io), graph.dtype_name)
+        features = tuple(torch.from_numpy(trunk[name]) for name in trunk_spec.outputs)
+        results += _check_compressed(graph, features, feeds, actual, graph.dtype_name)
     return [str(c) for c in results]

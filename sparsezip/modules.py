@@ -68,16 +68,16 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def select_dominant(scores: torch.Tensor, k: torch.Tensor, k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-k patches by score (ties: lower index), k [B] <= k_max.
-
-    Returns dominant [B,P] bool and their indices in spatial order [B,k_max]
-    (slots >= k hold 0 and are not valid).
-    """
+def select_dominant(scores: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor:
+    """[B,P] bool: the top-k patches by score (ties: lower index), k [B] <= k_max."""
     top = topk_first(scores, k_max)
     in_k = torch.arange(k_max, device=scores.device).unsqueeze(0) < k.unsqueeze(-1)
-    dominant = (one_hot(top, scores.shape[-1]) * in_k.unsqueeze(-1).to(torch.float32)).sum(1) > 0
-    return dominant, _index_of_slots(_slot_one_hot(dominant, k_max))
+    return (one_hot(top, scores.shape[-1]) * in_k.unsqueeze(-1).to(torch.float32)).sum(1) > 0
+
+
+def spatial_index(dominant: torch.Tensor, k_max: int) -> torch.Tensor:
+    """[B,P] bool with <= k_max members -> [B,k_max] their indices in spatial order (then 0, not valid)."""
+    return _index_of_slots(_slot_one_hot(dominant, k_max))
 
 
 def contextual_targets(remaining: torch.Tensor, m: int) -> torch.Tensor:
@@ -96,7 +96,10 @@ def contextual_targets(remaining: torch.Tensor, m: int) -> torch.Tensor:
 class NoneCompressor(nn.Module):
     """LLaVA baseline: the P patch tokens, CLS dropped."""
 
-    def forward(self, h, cls_attn, kmet, text_vis=None, text_mask=None) -> Output:
+    def selection_scores(self, h, cls_attn, kmet, text_vis=None, text_mask=None) -> None:
+        return None  # nothing is selected
+
+    def forward(self, h, cls_attn, kmet, text_vis=None, text_mask=None, dominant=None) -> Output:
         tokens = h[:, 1:]
         batch, num_patches = tokens.shape[:2]
         kept = torch.arange(num_patches, device=h.device).unsqueeze(0).expand(batch, -1)
@@ -109,12 +112,18 @@ class VisionZipCompressor(nn.Module):
         super().__init__()
         self.config = config
 
-    def forward(self, h, cls_attn, kmet, text_vis=None, text_mask=None) -> Output:
+    def selection_scores(self, h, cls_attn, kmet, text_vis=None, text_mask=None) -> torch.Tensor:
+        """[B,P]: what the dominant patches are ranked by."""
+        return cls_attn[:, :, 1:].sum(1)
+
+    def forward(self, h, cls_attn, kmet, text_vis=None, text_mask=None, dominant=None) -> Output:
+        """`dominant` [B,P] bool (dominant - 1 per row): use it instead of selecting (parity checks)."""
         d, m = self.config.dominant - 1, self.config.contextual
         patches, batch = h[:, 1:], h.shape[0]
-        scores = cls_attn[:, :, 1:].sum(1)
-        k = torch.full((batch,), d, dtype=torch.int64, device=h.device)
-        dominant, dom_index = select_dominant(scores, k, d)
+        if dominant is None:
+            k = torch.full((batch,), d, dtype=torch.int64, device=h.device)
+            dominant = select_dominant(self.selection_scores(h, cls_attn, kmet), k, d)
+        dom_index = spatial_index(dominant, d)
 
         kn = l2_normalize(kmet[:, 1:])
         remaining = ~dominant
@@ -137,7 +146,7 @@ class SparseZipCompressor(nn.Module):
         super().__init__()
         self.config = config
 
-    def scores(self, h, cls_attn, kmet, text_vis=None, text_mask=None) -> torch.Tensor:
+    def selection_scores(self, h, cls_attn, kmet, text_vis=None, text_mask=None) -> torch.Tensor:
         """s [B,P] of DESIGN.md step 1-2."""
         c = self.config
         kn = l2_normalize(kmet[:, 1:])
@@ -153,12 +162,16 @@ class SparseZipCompressor(nn.Module):
             s = s + c.beta * zscore(text_relevance(h[:, 1:], text_vis, text_mask, c.raters))
         return s
 
+    def unrounded_k(self, s: torch.Tensor) -> torch.Tensor:
+        """[B] float: c + g log(var(s) + eps), the dynamic K before rounding and clamping."""
+        c = self.config
+        return c.k_offset + c.k_scale * torch.log(s.var(-1, unbiased=False) + EPS)
+
     def num_dominant(self, s: torch.Tensor) -> torch.Tensor:
         c = self.config
         if not c.dynamic_k:
             return torch.full(s.shape[:1], c.k_max, dtype=torch.int64, device=s.device)
-        k = torch.round(c.k_offset + c.k_scale * torch.log(s.var(-1, unbiased=False) + EPS))
-        return k.clamp(c.k_min, c.k_max).to(torch.int64)
+        return torch.round(self.unrounded_k(s)).clamp(c.k_min, c.k_max).to(torch.int64)
 
     def merge(self, patches, kn, remaining, weights) -> torch.Tensor:
         """Score-weighted spherical k-means of the remaining tokens -> [B,m,C]."""
@@ -179,12 +192,17 @@ class SparseZipCompressor(nn.Module):
         merged = (a.transpose(1, 2) @ patches) / mass.clamp_min(EPS)
         return torch.where(mass > 0, merged, targets.transpose(1, 2) @ patches)
 
-    def forward(self, h, cls_attn, kmet, text_vis=None, text_mask=None) -> Output:
+    def forward(self, h, cls_attn, kmet, text_vis=None, text_mask=None, dominant=None) -> Output:
+        """`dominant` [B,P] bool (k_min..k_max per row): use it instead of selecting (parity checks)."""
         c = self.config
         patches, batch = h[:, 1:], h.shape[0]
-        s = self.scores(h, cls_attn, kmet, text_vis, text_mask)
-        k = self.num_dominant(s)
-        dominant, dom_index = select_dominant(s, k, c.k_max)
+        s = self.selection_scores(h, cls_attn, kmet, text_vis, text_mask)
+        if dominant is None:
+            k = self.num_dominant(s)
+            dominant = select_dominant(s, k, c.k_max)
+        else:
+            k = dominant.sum(-1)
+        dom_index = spatial_index(dominant, c.k_max)
         weights = (minmax(s) + MERGE_WEIGHT_FLOOR).unsqueeze(-1)
         contextual = self.merge(patches, l2_normalize(kmet[:, 1:]), ~dominant, weights)
 
