@@ -1,6 +1,7 @@
 """Accuracy vs kept visual tokens: a model trained on generated scenes, on the held-out questions.
 
-    python benchmarks/accuracy.py     # the bundled shapes model; budgets 16 32 64 128, 50 questions per type
+    python benchmarks/accuracy.py     # the bundled shapes model; budgets 16 32 64 128, 1200 held-out questions
+                                      # (--heldout large, 200 per type) + 3 x 300 POPE questions
 
 Every method is an engine built with export/build.py and asked through the runtime's
 `Pipeline` (ONNX Runtime CPU, greedy), exactly as a deployment would; the uncompressed
@@ -25,7 +26,10 @@ Their B is what the pruned layers carry at the end; the layer average they
 reach (the first layers see all 576) is reported and is where the plot puts
 them: on a 3-layer LLM no in-LLM method can average 64. Writes JSON (per
 method, budget and question type, small-object questions apart, chance per
-type) and a PNG.
+type, every question's 0/1; paired bootstrap CIs of the differences between
+methods (`PAIRS`) overall, per type and on small shapes; the issue's
+must-show rows; POPE accuracy / precision / recall / F1 / yes-ratio per
+negative split, `scenes.questions.pope`) and a PNG.
 """
 from __future__ import annotations
 
@@ -42,11 +46,12 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsezip_deploy.scenes.questions import (CHANCE, HELDOUT_PER_TYPE, HELDOUT_SEED, TYPES, Example, ask,
-                                               heldout)
+from sparsezip_deploy.scenes.questions import (CHANCE, HELDOUTS, POPE_PER_SPLIT, POPE_SEED, POPE_SPLITS, TYPES,
+                                               Example, ask, heldout, pope)
 from sparsezip_deploy.scenes.scene import render, sample_scene
 
 from common import is_current
+from stats import RESAMPLES, paired_diff_ci, pope_metrics
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIBRATION_SEED = 7  # scenes for fitting the dynamic-K offset; not the held-out seed
@@ -161,10 +166,91 @@ def dynamic_variants(work: Path, model: str, budgets: list[int], calibration: li
 
 
 def score(answers: list[str], examples: list[Example]) -> dict:
-    right = [a.strip() == e.question.answer for a, e in zip(answers, examples)]
+    """Accuracy overall, per type and on small-shape questions, and every question's 0/1 (for the CIs)."""
+    right = [int(a.strip() == e.question.answer) for a, e in zip(answers, examples)]
     by_type = {t: float(np.mean([r for r, e in zip(right, examples) if e.question.type == t])) for t in TYPES}
     small = [r for r, e in zip(right, examples) if e.question.small]
-    return {"all": float(np.mean(right)), "by_type": by_type, "small_objects": float(np.mean(small))}
+    return {"all": float(np.mean(right)), "by_type": by_type, "small_objects": float(np.mean(small)),
+            "correct": right}
+
+
+def score_pope(answers: list[str], splits: dict[str, list[Example]]) -> dict:
+    """POPE's metrics per negative split; an answer counts as yes when it starts with "yes" (LLaVA's parsing)."""
+    out, at = {}, 0
+    for split, examples in splits.items():
+        said = [a.strip().lower().startswith("yes") for a in answers[at:at + len(examples)]]
+        out[split] = pope_metrics(said, [e.question.answer == "Yes" for e in examples])
+        at += len(examples)
+    return out
+
+
+# (a, b): is a better than b? The issue's must-show pairs first, then each method against visionzip.
+PAIRS = (("sparsezip-text", "visionzip"), ("sparsezip-text", "sparsezip"),
+         ("sparsezip-dynamic-text", "sparsezip-dynamic"), ("sparsezip", "visionzip"),
+         ("sparsezip-dynamic-text", "visionzip"), ("fastv", "visionzip"), ("sparsevlm", "visionzip"))
+
+
+def scopes(examples: list[Example]) -> dict[str, np.ndarray]:
+    masks = {"all": np.ones(len(examples), bool), "small_objects": np.array([e.question.small for e in examples])}
+    masks.update({t: np.array([e.question.type == t for e in examples]) for t in TYPES})
+    return masks
+
+
+def comparisons(results: list[dict], examples: list[Example], resamples: int) -> list[dict]:
+    """Paired bootstrap CIs of the accuracy difference a - b at each budget, per scope."""
+    rows = {(r["method"], r["budget"]): r for r in results if "correct" in r}
+    masks = scopes(examples)
+    out = []
+    for budget in sorted({b for _, b in rows if b is not None}):
+        for a, b in PAIRS:
+            if (a, budget) not in rows or (b, budget) not in rows:
+                continue
+            ra, rb = np.array(rows[a, budget]["correct"]), np.array(rows[b, budget]["correct"])
+            out.append({"a": a, "b": b, "budget": budget, "scopes": {
+                name: paired_diff_ci(ra[m], rb[m], resamples=resamples) for name, m in masks.items()}})
+    return out
+
+
+def must_show(compared: list[dict]) -> list[dict]:
+    """The issue's table: text-aware >= visionzip + 3 points on small shapes (CI excluding zero) at 32 / 64;
+    text-aware never below sparsezip without text by more than the CI (its upper end >= 0)."""
+    rows = []
+    for c in compared:
+        if (c["a"], c["b"]) == ("sparsezip-text", "visionzip") and c["budget"] in (32, 64):
+            ci = c["scopes"]["small_objects"]
+            rows.append({"claim": "sparsezip-text >= visionzip + 3 points, small shapes", "budget": c["budget"],
+                         **ci, "met": ci["diff"] is not None and ci["diff"] >= 0.03 and ci["low"] > 0})
+        if (c["a"], c["b"]) == ("sparsezip-text", "sparsezip"):
+            for scope in ("all", "small_objects"):
+                ci = c["scopes"][scope]
+                rows.append({"claim": f"sparsezip-text not below sparsezip beyond the CI, {scope}",
+                             "budget": c["budget"], **ci, "met": ci["high"] is not None and ci["high"] >= 0})
+    return rows
+
+
+def print_tables(report: dict) -> None:
+    def pct(x):
+        return "-" if x is None else f"{100 * x:+.1f}"
+
+    print("\npaired differences a - b, points [95% bootstrap CI]")
+    print(f"{'a - b':44s} {'B':>4s} {'all':>22s} {'small shapes':>22s}")
+    for c in report["comparisons"]:
+        cells = [f"{pct(c['scopes'][k]['diff'])} [{pct(c['scopes'][k]['low'])}, {pct(c['scopes'][k]['high'])}]"
+                 for k in ("all", "small_objects")]
+        print(f"{c['a'] + ' - ' + c['b']:44s} {c['budget']:4d} {cells[0]:>22s} {cells[1]:>22s}")
+    print("\nmust-show")
+    for r in report["must_show"]:
+        print(f"{r['claim']:60s} B={r['budget']:<4d} {pct(r['diff'])} [{pct(r['low'])}, {pct(r['high'])}]  "
+              f"{'met' if r['met'] else 'NOT met'}")
+    if any("pope" in r for r in report["results"]):
+        print("\nPOPE (accuracy / precision / recall / F1 / yes-ratio, %)")
+        for r in report["results"]:
+            if "pope" not in r:
+                continue
+            label = r["method"] if r["budget"] is None else f"{r['method']}-{r['budget']}"
+            cells = ["/".join(f"{100 * r['pope'][s][k]:.0f}" for k in ("accuracy", "precision", "recall", "f1",
+                                                                          "yes_ratio")) for s in POPE_SPLITS]
+            print(f"{label:28s} " + "  ".join(f"{s} {c}" for s, c in zip(POPE_SPLITS, cells)))
 
 
 def run_engine(engine: Path, examples: list[Example], threads: int) -> tuple[list[str], float]:
@@ -246,7 +332,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="export/build.py --model: the bundled model, a folder trained by train/train.py, "
                         "or 'tiny' for a smoke run")
     p.add_argument("--budgets", type=int, nargs="+", default=[16, 32, 64, 128])
-    p.add_argument("--per-type", type=int, default=HELDOUT_PER_TYPE, help="held-out questions per type")
+    p.add_argument("--heldout", choices=tuple(HELDOUTS), default="large",
+                   help="large: 1200 questions (200 per type, its own seed); small: the 300 train.py scores on")
+    p.add_argument("--per-type", type=int, default=None, help="held-out questions per type (default: the set's)")
+    p.add_argument("--pope-per-split", type=int, default=POPE_PER_SPLIT,
+                   help="POPE scenes per negative split (a Yes and a No each); 0: no POPE split")
+    p.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap resamples for the paired CIs")
     p.add_argument("--calibration", type=int, default=48, help="scenes to fit the dynamic-K offset on")
     p.add_argument("--work", type=Path, default=RESULTS / "accuracy-engines", help="engine folders (reused)")
     p.add_argument("--out", type=Path, default=RESULTS / "accuracy.json", help="JSON report; the PNG goes beside it")
@@ -256,7 +347,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="also score the in-LLM methods (fastv, sparsevlm)")
     args = p.parse_args(argv)
 
-    examples = heldout(per_type=args.per_type)
+    seed, per_type = HELDOUTS[args.heldout]
+    per_type = per_type if args.per_type is None else args.per_type
+    examples = heldout(per_type=per_type, seed=seed)
+    pope_splits = pope(per_split=args.pope_per_split) if args.pope_per_split > 0 else {}
+    pope_examples = [e for split in pope_splits.values() for e in split]
     rng = np.random.default_rng(CALIBRATION_SEED)
     calibration = []
     for _ in range(args.calibration):
@@ -292,10 +387,11 @@ def main(argv: list[str] | None = None) -> int:
                             "error": str(failed)})
             continue
         t0 = time.perf_counter()
-        answers, kept = run_engine(engine, examples, args.threads)
-        extra = {}
+        answers, kept = run_engine(engine, examples + pope_examples, args.threads)
+        answers, pope_answers = answers[:len(examples)], answers[len(examples):]
+        extra = {"pope": score_pope(pope_answers, pope_splits)} if pope_splits else {}
         if (average := layer_average(engine)) is not None:  # the LLM receives every patch, then prunes
-            extra = {"kept_mean": average, "fed_to_llm": kept, "carried_last": v.budget}
+            extra.update({"kept_mean": average, "fed_to_llm": kept, "carried_last": v.budget})
         results.append({"method": v.name, "budget": v.budget, "kept_mean": kept, "build_options": list(v.options),
                         **score(answers, examples), **extra})
         kept = results[-1]["kept_mean"]
@@ -305,12 +401,16 @@ def main(argv: list[str] | None = None) -> int:
             deployed_answers = answers
 
     report = {"conditions": {
-        "model": args.model, "heldout_seed": HELDOUT_SEED, "questions": len(examples),
-        "per_type": args.per_type, "small_object_questions": sum(e.question.small for e in examples),
+        "model": args.model, "heldout": args.heldout, "heldout_seed": seed, "questions": len(examples),
+        "per_type": per_type, "pope_seed": POPE_SEED, "pope_per_split": args.pope_per_split,
+        "bootstrap": {"resamples": args.resamples, "level": 0.95, "kind": "paired, percentile, over questions"}, "small_object_questions": sum(e.question.small for e in examples),
         "calibration_scenes": args.calibration, "provider": "ORT CPU", "threads": args.threads,
         "decoding": "greedy", "machine": platform.machine(), "python": platform.python_version(),
         "versions": {name: metadata.version(name) for name in ("onnxruntime", "numpy", "torch", "transformers")},
     }, "chance": chance(examples), "results": results}
+    report["comparisons"] = comparisons(results, examples, args.resamples)
+    report["must_show"] = must_show(report["comparisons"])
+    print_tables(report)
     if not args.skip_pytorch:
         torch_answers = run_pytorch(args.model, examples)
         report["pytorch"] = {**score(torch_answers, examples),

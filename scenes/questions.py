@@ -31,6 +31,15 @@ CHANCE = {"colour": 1 / len(COLOURS), "exists": 1 / 2, "count": 1 / 6, "position
           "small": 1 / len(KINDS), "small_colour": 1 / len(COLOURS)}
 HELDOUT_SEED = 20250501
 HELDOUT_PER_TYPE = 50
+# The large held-out set (1200 questions): its own seed, far from training's small integers,
+# the calibration seed 7 and HELDOUT_SEED; tests check its scenes are disjoint from theirs.
+HELDOUT_LARGE_SEED = 20251214
+HELDOUT_LARGE_PER_TYPE = 200
+HELDOUTS = {"large": (HELDOUT_LARGE_SEED, HELDOUT_LARGE_PER_TYPE), "small": (HELDOUT_SEED, HELDOUT_PER_TYPE)}
+# POPE-style existence questions (see `pope`).
+POPE_SEED = 20251215
+POPE_PER_SPLIT = 150
+POPE_SPLITS = ("random", "popular", "adversarial")
 
 
 @dataclass(frozen=True)
@@ -115,3 +124,52 @@ def heldout(per_type: int = HELDOUT_PER_TYPE, seed: int = HELDOUT_SEED,
             if options:
                 examples.append(Example(scene, options[int(rng.integers(len(options)))]))
     return examples
+
+
+def objects(scene: Scene) -> set[tuple[str, str]]:
+    """The (colour, kind) pairs present: POPE's objects in a scene."""
+    return {(s.colour, s.kind) for s in scene.shapes}
+
+
+def pope(per_split: int = POPE_PER_SPLIT, seed: int = POPE_SEED,
+         config: SceneConfig = SceneConfig()) -> dict[str, list[Example]]:
+    """POPE's three splits on scenes: per split `per_split` scenes, each asked one Yes and one No.
+
+    An object is a (colour, kind) pair, asked as "Is there a {colour} {kind}?" (the wording the
+    scene models are trained on for `exists`; POPE's "... in the image?" is unseen text to them).
+    The positive is a present pair (uniform); the negative an absent pair chosen as
+    - random: uniform over the absent pairs;
+    - popular: the absent pair present in the most scenes of the split's scene set;
+    - adversarial: the absent pair that co-occurs most (summed over the scene set) with the
+      scene's present pairs, among those sharing a colour or a kind with the positive: the
+      scene analogue of POPE's co-occurring objects, answerable only with colour and kind bound.
+    Ties go to the generator. `Question.small` marks pairs whose positive is the small shape.
+    """
+    rng = np.random.default_rng(seed)
+    pairs = [(c, k) for c in COLOURS for k in KINDS]
+    out = {}
+    for split in POPE_SPLITS:
+        scenes = [sample_scene(rng, config) for _ in range(per_split)]
+        present = [objects(s) for s in scenes]
+        frequency = {p: sum(p in o for o in present) for p in pairs}
+        together = {(p, q): sum(p in o and q in o for o in present) for p in pairs for q in pairs}
+        examples = []
+        for scene, here in zip(scenes, present):
+            shape = scene.shapes[int(rng.integers(len(scene.shapes)))]
+            absent = [p for p in pairs if p not in here]
+            if split == "random":
+                weight = {p: 1.0 for p in absent}
+            elif split == "popular":
+                weight = {p: float(frequency[p]) for p in absent}
+            else:
+                absent = [p for p in absent if p[0] == shape.colour or p[1] == shape.kind]
+                weight = {p: float(sum(together[p, q] for q in here)) for p in absent}
+            best = max(weight.values())
+            ties = [p for p in absent if weight[p] == best]
+            colour, kind = ties[int(rng.integers(len(ties)))]
+            small = shape.size == "small"
+            examples.append(Example(scene, Question("pope", f"Is there a {shape.colour} {shape.kind}?",
+                                                    "Yes", small)))
+            examples.append(Example(scene, Question("pope", f"Is there a {colour} {kind}?", "No", small)))
+        out[split] = examples
+    return out

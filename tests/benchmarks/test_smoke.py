@@ -96,12 +96,24 @@ def test_accuracy_scores_every_method_and_the_pytorch_model(tmp_path):
     out = tmp_path / "accuracy.json"
     # Without the in-LLM rows (two more engine builds; tests/llm_prune checks what they build).
     run("accuracy.py", "--model", "tiny", "--budgets", "16", "--per-type", "1", "--calibration", "4",
-        "--work", str(tmp_path / "engines"), "--out", str(out), "--no-llm-prune")
+        "--pope-per-split", "1", "--resamples", "50", "--work", str(tmp_path / "engines"), "--out", str(out),
+        "--no-llm-prune")
     report = json.loads(out.read_text())
     methods = {r["method"] for r in report["results"]}
     assert methods == {"none", "visionzip", "sparsezip", "sparsezip-text", "sparsezip-dynamic",
                        "sparsezip-dynamic-text"}
     assert all("error" not in r and 0 <= r["all"] <= 1 for r in report["results"])
+    assert report["conditions"]["heldout"] == "large" and report["conditions"]["questions"] == 6
+    for r in report["results"]:
+        assert len(r["correct"]) == 6 and r["all"] == sum(r["correct"]) / 6
+        for split in ("random", "popular", "adversarial"):
+            assert r["pope"][split]["n"] == 2 and 0 <= r["pope"][split]["f1"] <= 1
+    compared = {(c["a"], c["b"]) for c in report["comparisons"] if c["budget"] == 16}
+    assert {("sparsezip-text", "visionzip"), ("sparsezip-text", "sparsezip")} <= compared
+    for c in report["comparisons"]:
+        for ci in c["scopes"].values():
+            assert ci["n"] == 0 or ci["low"] <= ci["diff"] <= ci["high"]
+    assert {r["budget"] for r in report["must_show"]} == {16}  # no 32 / 64 here: only the text-vs-no-text rows
     # The deployed uncompressed engine answers exactly as transformers' generate does.
     assert report["pytorch"]["same_answers_as_deployed_none"] == 1.0
     assert out.with_suffix(".png").stat().st_size > 0
