@@ -94,7 +94,8 @@ def _child(argv: list[str]) -> dict:
 
     prompts = list(QUESTIONS[:len(images)])
     rounds = []
-    with Pipeline(engine, threads=threads, verify_checksums=False) as pipe:
+    # No image cache: the rounds ask about the same images and must run the vision graph each time.
+    with Pipeline(engine, threads=threads, verify_checksums=False, image_cache=0) as pipe:
         pipe.ask_batch(images, prompts, new_tokens)  # warm-up: arenas, threads, page cache
         for _ in range(reps):
             alone = [pipe.ask(image, prompt, new_tokens) for image, prompt in zip(images, prompts)]

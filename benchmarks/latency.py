@@ -138,8 +138,11 @@ def summarise(runs: dict[str, list[dict]], engines: dict[str, Path]) -> dict[str
         # VmHWM, not the Result's getrusage figure: Linux carries ru_maxrss across execve, so a
         # process started by this (torch-importing) script would report this script's peak.
         row["peak_rss_bytes"] = spread([f["end"]["peak"] for f in figs])
-        vision_file = manifest_of(engines[name]).graphs["vision"].file
-        row["vision_split_ms"] = vision_split(Path(last["profile"]), engines[name] / vision_file)
+        if "profile" in last:
+            vision_file = manifest_of(engines[name]).graphs["vision"].file
+            row["vision_split_ms"] = vision_split(Path(last["profile"]), engines[name] / vision_file)
+        else:  # a split engine (vision_trunk + vision_selector): no one graph to attribute nodes in
+            row["vision_split_ms"] = None
         per_token, positions = last["kv_bytes_per_token"], last["prompt_tokens"] + len(last["token_ids"]) - 1
         row.update({k: last[k] for k in ("visual_tokens_kept", "visual_tokens_total", "prompt_tokens",
                                          "prompt_text_tokens", "kv_bytes", "kv_bytes_fed", "kv_bytes_allocated",
@@ -243,7 +246,7 @@ def derive(report: dict[str, dict], base: str) -> None:
                    layer_token_ratio=layer_tokens, ttft_speedup=b["ttft_ms"]["median"] / row["ttft_ms"]["median"],
                    kv_saved_bytes=saved, kv_saved_pct=100.0 * saved / row["kv_bytes_uncompressed"],
                    kv_saved_vs_baseline_bytes=b["kv_bytes"] - row["kv_bytes"],
-                   compression_ms=split["share_of_vision"] * row["vision_ms"]["median"])
+                   compression_ms=None if split is None else split["share_of_vision"] * row["vision_ms"]["median"])
 
 
 def print_decode_table(report: dict[str, dict]) -> None:
@@ -264,10 +267,14 @@ def print_table(report: dict[str, dict]) -> None:
         ideal, frac = (f"{r['ideal_ratio']:>5.2f}x", f"{r['fraction_of_ideal']:>5.2f}") \
             if r["ideal_ratio"] is not None else (f"{'-':>6}", f"{'-':>5}")
         print(f"{name:<20} {r['visual_tokens_kept']:>4} {r['vision_ms']['median']:>8.1f} "
-              f"{100 * r['vision_split_ms']['share_of_vision']:>5.2f}% {r['prefill_ms']['median']:>8.1f} "
+              f"{_share(r['vision_split_ms'])} {r['prefill_ms']['median']:>8.1f} "
               f"{r['ttft_ms']['median']:>8.1f} {tps['median'] if tps else float('nan'):>6.2f} "
               f"{r['kv_bytes'] / 2**20:>7.2f} {r['kv_saved_pct']:>5.1f}% {r['prefill_speedup']:>6.2f}x "
               f"{ideal} {frac} {r['peak_rss_bytes']['median'] / 2**30:>5.2f} GiB {r['kv_exact']}")
+
+
+def _share(split: dict | None) -> str:
+    return f"{'-':>6}" if split is None else f"{100 * split['share_of_vision']:>5.2f}%"
 
 
 def print_group_table(report: dict[str, dict]) -> None:

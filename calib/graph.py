@@ -13,6 +13,9 @@ fuses, so names say nothing. The structure does:
   the CLS attention row and the head-averaged keys read from them are what the
   scores are made of. Every other linear layer reaches the scores only through
   the residual stream. A graph without TopK (method none) selects nothing.
+  A split engine's trunk has no TopK: there the selection path is what feeds its
+  cls_attn and kmet outputs (runtime/manifest.py TRUNK_OUTPUTS), which the
+  selector's scores are made of.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import onnx
 from .errors import CalibError
 
 LINEAR_OPS = ("MatMul", "Gemm")
+SELECTION_OUTPUTS = ("cls_attn", "kmet")  # a trunk's outputs that only the scores read
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,8 @@ def residual_blocks(g: _Graph) -> list[tuple[int, int, set[int]]]:
 def find_linears(model: onnx.ModelProto) -> Linears:
     """The encoder's linear layers, split into those to quantise and the selection path's."""
     g = _Graph(model.graph)
-    topk = [i for i, n in enumerate(g.nodes) if n.op_type == "TopK"]
+    topk = [i for i, n in enumerate(g.nodes) if n.op_type == "TopK"] or \
+        [g.producer[o.name] for o in model.graph.output if o.name in SELECTION_OUTPUTS and o.name in g.producer]
     feeds_topk = g.walk(topk, g.predecessors) if topk else set()
     quantize, selection = [], []
     for _, join, branch in residual_blocks(g):
@@ -105,6 +110,6 @@ def find_linears(model: onnx.ModelProto) -> Linears:
     if not quantize:
         raise CalibError("found no encoder linear layers in the vision graph (not a graph export/vision.py wrote?)")
     if topk and not selection:
-        raise CalibError("the vision graph has a TopK but no linear layer of layer l* feeds it sideways: "
-                         "cannot tell the selection path from the encoder")
+        raise CalibError("the vision graph has a TopK (or a trunk's cls_attn / kmet) but no linear layer of "
+                         "layer l* feeds it sideways: cannot tell the selection path from the encoder")
     return Linears(tuple(quantize), tuple(selection))

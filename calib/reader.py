@@ -4,6 +4,7 @@
     folder_digest(folder | None, count, seed)      -> where they came from, for the manifest
     prompt_text(tokenizer, table) / empty_text(width) -> a text-aware graph's text feeds
     VisionCalibrationReader(images, image_config, text) -> ORT CalibrationDataReader
+    selector_feeds(trunk, feeds)                     -> a split engine's selector feeds for them
 
 Pixels go through the runtime's own preprocessing (resize, crop, normalise from
 the engine's ImageConfig), so the ranges calibration measures are those the
@@ -13,13 +14,14 @@ which need no data on disk and are the same on every machine for a seed.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 from PIL import Image
 
+from sparsezip_deploy.runtime.backends.ort import open_graph
 from sparsezip_deploy.runtime.generate import text_features
 from sparsezip_deploy.runtime.errors import PreprocessError
 from sparsezip_deploy.runtime.manifest import ImageConfig
@@ -128,3 +130,12 @@ class VisionCalibrationReader(CalibrationDataReader):
 
     def rewind(self) -> None:
         self._feeds = self.feeds()
+
+
+def selector_feeds(trunk: Path, feeds: Iterable[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """A split engine's selector feeds for the vision feeds `feeds`: the trunk graph at `trunk`
+    (ORT CPU) run on each one's pixels, its text feeds kept. What the dynamic-K fit of a split
+    engine runs the selector on (the law is in the selector; the trunk need not rerun per probe)."""
+    with open_graph(trunk) as graph:
+        return [{**graph.run({"pixel_values": f["pixel_values"]}),
+                 **{k: v for k, v in f.items() if k != "pixel_values"}} for f in feeds]

@@ -47,6 +47,11 @@ Targets:
 
 Every recipe ends with the same check: the int8 graph against the float one on
 the calibration images (the first `check_images`), failing below FLOORS.
+
+A split engine's trunk (vision_trunk.onnx, `selector=` its vision_selector.onnx)
+is quantised the same way: its linear layers are the encoder's, and l*'s q and k
+are found as those feeding the cls_attn and kmet outputs sideways. The selector
+stays float; the check runs trunk then selector, int8 against float.
 """
 from __future__ import annotations
 
@@ -97,11 +102,13 @@ FLOORS = {"cpu": Floors(kept_jaccard_mean=0.8, token_cosine_min=0.995),
 
 def quantize_vision(source: Path, output: Path, target: str, images: Sequence[Image.Image],
                     image_config: ImageConfig, calibration_source: str, *,
-                    text: dict[str, np.ndarray] | None = None, check_images: int = 8) -> dict:
+                    text: dict[str, np.ndarray] | None = None, check_images: int = 8,
+                    selector: Path | None = None) -> dict:
     """Write the int8 graph of `source` to `output` (which may be `source`); the manifest's record of it.
 
     images: the calibration set (calibration_images()); calibration_source: its folder_digest().
     text: text feeds for a text-aware graph (prompt_text()); None: the runtime's empty prompt.
+    selector: `source` is a split engine's trunk, and this the selector that reads it (left float).
     Nothing is written to `output` unless the fidelity check passes.
     """
     if target not in TARGETS:
@@ -111,14 +118,16 @@ def quantize_vision(source: Path, output: Path, target: str, images: Sequence[Im
     source, output = Path(source), Path(output)
     model = onnx.load(str(source))
     linears = find_linears(model)
-    if text is None and (width := _text_width(model)) is not None:
+    if text is None and (width := _text_width(onnx.load(str(selector)) if selector else model)) is not None:
         text = empty_text(width)
     reader = VisionCalibrationReader(images, image_config, text)
+    # The trunk reads pixels only: ModelOpt's calibration runs it alone.
+    graph_reader = VisionCalibrationReader(images, image_config) if selector is not None else reader
     # The float graph is the reference of the check: the int8 one takes its place only afterwards.
     staged = output.with_name(f".{output.name}.int8.partial")
     try:
-        recipe, method = RECIPES[target](source, staged, reader, linears)
-        fidelity = check_fidelity(source, staged, reader, check_images, FLOORS[target])
+        recipe, method = RECIPES[target](source, staged, graph_reader, linears)
+        fidelity = check_fidelity(source, staged, reader, check_images, FLOORS[target], selector)
         staged.replace(output)
     finally:
         staged.unlink(missing_ok=True)
@@ -218,12 +227,22 @@ def compare_outputs(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> tup
 
 
 def check_fidelity(source: Path, output: Path, reader: VisionCalibrationReader, count: int,
-                   floors: Floors) -> dict:
-    """int8 against float on the first `count` images; CalibError below `floors`."""
+                   floors: Floors, selector: Path | None = None) -> dict:
+    """int8 against float on the first `count` images (`selector`: the two are trunks, each run
+    through it); CalibError below `floors`."""
     jaccards, cosines = [], []
-    with open_graph(source) as ref, open_graph(output) as got:
+    with contextlib.ExitStack() as stack:
+        ref, got = (stack.enter_context(open_graph(path)) for path in (source, output))
+        after = stack.enter_context(open_graph(selector)) if selector is not None else None
+
+        def outputs(graph, feeds):
+            if after is None:
+                return graph.run(feeds)
+            features = graph.run({"pixel_values": feeds["pixel_values"]})
+            return after.run({**features, **{k: v for k, v in feeds.items() if k != "pixel_values"}})
+
         for _, feeds in zip(range(count), reader.feeds()):
-            jaccard, cosine = compare_outputs(*([g.run(feeds)[k] for k in OUTPUTS] for g in (ref, got)))
+            jaccard, cosine = compare_outputs(*([outputs(g, feeds)[k] for k in OUTPUTS] for g in (ref, got)))
             jaccards.append(jaccard)
             cosines.append(cosine)
     figures = {"images": len(jaccards), "kept_jaccard_mean": round(float(np.mean(jaccards)), 4),

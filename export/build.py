@@ -1,7 +1,8 @@
 """Build one engine folder: `python export/build.py --model shapes --method sparsezip`.
 
 Stages: load the model, export vision.onnx (CLIP up to l* + compression +
-projector) and llm.onnx (decoder with KV cache), check each against PyTorch,
+projector; with --split-vision, vision_trunk.onnx + vision_selector.onnx, the
+same cut in two) and llm.onnx (decoder with KV cache), check each against PyTorch,
 optionally quantise them and calibrate the dynamic-K budget (calib/), write the
 embedding table, tokenizer and manifest.json.
 Everything is written into a temporary sibling folder that is renamed into
@@ -45,10 +46,11 @@ from sparsezip_deploy.export.errors import ExportError
 from sparsezip_deploy.export.tensorrt_lint import TARGETS as LINT_TARGETS
 from sparsezip_deploy.runtime.errors import UserError
 from sparsezip_deploy.runtime.manifest import (DEFAULT_MAX_BATCH, DEFAULT_MAX_TEXT_LEN, FORMAT_VERSION,
-                                               TOKENIZER, Limits, LlmInfo, Manifest, PromptTemplate, TokenIds,
-                                               VisionInfo, artifact_entries, tool_versions, write_manifest)
+                                               SELECTOR_GRAPH, TOKENIZER, TRUNK_GRAPH, VISION_GRAPH, Limits,
+                                               LlmInfo, Manifest, PromptTemplate, TokenIds, VisionInfo,
+                                               artifact_entries, tool_versions, write_manifest)
 from sparsezip_deploy.llm_prune.config import PRUNE_CONFIGS, PruneConfig
-from sparsezip_deploy.sparsezip.config import CONFIGS, MethodConfig, NoneConfig, config_to_dict
+from sparsezip_deploy.sparsezip.config import CONFIGS, MethodConfig, NoneConfig, SparseZipConfig, config_to_dict
 
 DEFAULT_MODEL = "shapes"
 DEFAULT_METHOD = "sparsezip"
@@ -95,6 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="precision of the CLIP tower and projector in vision.onnx (float16 is for GPUs: "
                         "ONNX Runtime CPU runs most of it in float32 between casts); the token selection "
                         "and the graph's inputs and outputs stay float32")
+    p.add_argument("--split-vision", action=argparse.BooleanOptionalAction, default=False,
+                   help="text-aware sparsezip: write the vision stage as vision_trunk.onnx (CLIP to the feature "
+                        "layer) + vision_selector.onnx (scores, text term, TopK, merging, projector), so the "
+                        "runtime runs CLIP once per image and the selection once per question")
     p.add_argument("--target", default=None, choices=list(LINT_TARGETS),
                    help="fail the build if TensorRT's ONNX parser of this version would refuse a node "
                         "(export/tensorrt_lint.py; runs on the CPU)")
@@ -140,7 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         owners = [m for m, cls in CONFIGS.items() if name in {g.name for g in dataclasses.fields(cls)}]
         defaults = ", ".join(f"{m}: {getattr(CONFIGS[m](), name)}" for m in owners)
         kind = dict(action=argparse.BooleanOptionalAction) if f.type in (bool, "bool") else \
-            dict(type=int if f.type in (int, "int") else float)
+            dict(type={"int": int, "str": str}.get(getattr(f.type, "__name__", f.type), float))
         group.add_argument(_option(name), default=None, help=f"default {defaults}", **kind)
     return p.parse_args(argv)
 
@@ -248,6 +254,10 @@ def build(args: argparse.Namespace) -> Path:
     if args.calib_images is not None:  # refused before the model loads, not at the parity check
         from sparsezip_deploy.calib.reader import image_files
         image_files(args.calib_images)
+    if args.split_vision and not (isinstance(config, SparseZipConfig) and config.text_aware):
+        raise ExportError(f"--split-vision is for text-aware sparsezip (--beta > 0): the vision output of "
+                          f"{config.method}{' --beta 0' if isinstance(config, SparseZipConfig) else ''} does "
+                          "not depend on the prompt, and the runtime caches it whole")
     if args.vision_int8 is not None and args.vision_dtype != "float32":
         raise ExportError("--vision-int8 quantises a float32 vision graph: drop --vision-dtype")
     optional = (args.vision_int8 is not None) + (args.target_mean_k is not None) + (args.llm_quant != "none") \
@@ -442,16 +452,27 @@ def _build_into(folder: Path, loaded, graph, decoder, prefill, limits: Limits, p
                 args: argparse.Namespace) -> Manifest:
     from sparsezip_deploy.export.llm import check_llm, export_llm, save_embeddings
     from sparsezip_deploy.export.prompt import prompt_formats
-    from sparsezip_deploy.export.vision import check_vision, export_vision
+    from sparsezip_deploy.export.vision import check_split, check_vision, export_split, export_vision
 
-    progress(f"exporting vision.onnx ({graph.layers_run} CLIP layers + {graph.method.method} + projector)")
-    vision_io = export_vision(graph, folder / "vision.onnx")
-    progress(f"checking vision.onnx against PyTorch (ONNX Runtime CPU) on {PARITY_IMAGES} "
-             f"{'of the calibration images' if args.calib_images else 'generated scenes'}")
-    for line in check_vision(graph, folder / "vision.onnx", _parity_feeds(loaded, graph, args)):
+    content = f"{PARITY_IMAGES} {'of the calibration images' if args.calib_images else 'generated scenes'}"
+    if args.split_vision:
+        progress(f"exporting vision_trunk.onnx ({graph.layers_run} CLIP layers) and vision_selector.onnx "
+                 f"({graph.method.method} + projector)")
+        vision_graphs = dict(zip((TRUNK_GRAPH, SELECTOR_GRAPH), export_split(graph, folder)))
+        progress(f"checking vision_trunk.onnx, then vision_selector.onnx on its features, against PyTorch "
+                 f"(ONNX Runtime CPU) on {content}")
+        lines = check_split(graph, *(folder / spec.file for spec in vision_graphs.values()),
+                            _parity_feeds(loaded, graph, args))
+    else:
+        progress(f"exporting vision.onnx ({graph.layers_run} CLIP layers + {graph.method.method} + projector)")
+        vision_graphs = {VISION_GRAPH: export_vision(graph, folder / "vision.onnx")}
+        progress(f"checking vision.onnx against PyTorch (ONNX Runtime CPU) on {content}")
+        lines = check_vision(graph, folder / "vision.onnx", _parity_feeds(loaded, graph, args))
+    for line in lines:
         print(f"      {line}")
     save_embeddings(loaded.model, folder / "embed_tokens.npy", decoder.dtype_name)
-    calibration = _calibrate_vision(folder, loaded, graph, progress, args) if _calibrating(args) else {}
+    calibration = _calibrate_vision(folder, loaded, graph, vision_graphs, progress, args) \
+        if _calibrating(args) else {}
     progress(f"exporting llm.onnx ({decoder.num_layers} layers, {decoder.dtype_name}, KV cache)")
     llm_io, external = export_llm(decoder, folder / "llm.onnx")
     progress("checking llm.onnx against PyTorch (prefill and decode)")
@@ -490,7 +511,8 @@ def _build_into(folder: Path, loaded, graph, decoder, prefill, limits: Limits, p
     loaded.tokenizer.save(str(folder / TOKENIZER))
     token = loaded.tokenizer.id_to_token
     vc = loaded.model.config.vision_config
-    files += ["vision.onnx", "llm.onnx", "embed_tokens.npy", TOKENIZER] + (["llm.onnx.data"] if external else [])
+    files += [spec.file for spec in vision_graphs.values()] + ["llm.onnx", "embed_tokens.npy", TOKENIZER] \
+        + (["llm.onnx.data"] if external else [])
     try:
         manifest = Manifest(
             format_version=FORMAT_VERSION,
@@ -514,7 +536,7 @@ def _build_into(folder: Path, loaded, graph, decoder, prefill, limits: Limits, p
             prompt=PromptTemplate(**prompt_formats(loaded.chat_template, token(loaded.image_token_id),
                                                    token(loaded.bos_token_id), token(loaded.eos_token_id))),
             chat_template=loaded.chat_template,
-            graphs={"vision": vision_io, "llm": llm_io, **graphs},
+            graphs={**vision_graphs, "llm": llm_io, **graphs},
             precision={"vision": calibration.get("vision_int8", {}).get("precision", graph.dtype_name),
                        "llm": llm_precision, "embed_tokens": decoder.dtype_name,
                        **({"llm_prefill": decoder.dtype_name} if prefill is not None else {})},
@@ -543,13 +565,15 @@ def _parity_feeds(loaded, graph, args: argparse.Namespace) -> dict:
     return parity_inputs(graph, images, loaded.image, Tokenizer.from_str(loaded.tokenizer.to_str()), table)
 
 
-def _calibrate_vision(folder: Path, loaded, graph, progress: Progress, args: argparse.Namespace) -> dict:
-    """int8 encoder, then the dynamic-K fit on the graph that ships (quantisation moves var(s))."""
+def _calibrate_vision(folder: Path, loaded, graph, vision_graphs: dict, progress: Progress,
+                      args: argparse.Namespace) -> dict:
+    """int8 encoder, then the dynamic-K fit on the graph that ships (quantisation moves var(s)).
+    Split: the int8 encoder is the trunk; the law is in the selector, fitted on the trunk's features."""
     from tokenizers import Tokenizer
 
     from sparsezip_deploy.calib.budget import calibrate_budget
     from sparsezip_deploy.calib.reader import (VisionCalibrationReader, calibration_images, folder_digest,
-                                               prompt_text)
+                                               prompt_text, selector_feeds)
     from sparsezip_deploy.calib.vision_int8 import quantize_vision
 
     source = folder_digest(args.calib_images, args.calib_count)
@@ -560,19 +584,22 @@ def _calibrate_vision(folder: Path, loaded, graph, progress: Progress, args: arg
     text = prompt_text(Tokenizer.from_str(loaded.tokenizer.to_str()), np.load(folder / "embed_tokens.npy")) \
         if graph.text_aware else None
     calibration = {}
+    encoder = folder / vision_graphs[TRUNK_GRAPH if args.split_vision else VISION_GRAPH].file
+    selector = folder / vision_graphs[SELECTOR_GRAPH].file if args.split_vision else None
     if args.vision_int8 is not None:
-        progress(f"quantising vision.onnx to int8 for {args.vision_int8}")
-        record = quantize_vision(folder / "vision.onnx", folder / "vision.onnx", args.vision_int8, images,
-                                 image_config, source, text=text)
+        progress(f"quantising {encoder.name} to int8 for {args.vision_int8}")
+        record = quantize_vision(encoder, encoder, args.vision_int8, images, image_config, source, text=text,
+                                 selector=selector)
         fid = record["fidelity"]
         print(f"      {record['quantized_linears']} linear layers int8; kept-index Jaccard mean "
               f"{fid['kept_jaccard_mean']:.3f}, token cosine min {fid['token_cosine_min']:.5f}")
         calibration["vision_int8"] = record
     if args.target_mean_k is not None:
         progress(f"fitting the dynamic-K offset for a mean K of {args.target_mean_k:g}")
-        reader = VisionCalibrationReader(images, image_config, text)
-        record = calibrate_budget(folder / "vision.onnx", reader.feeds(), args.target_mean_k,
-                                  graph.method.contextual)
+        feeds = VisionCalibrationReader(images, image_config, text).feeds()
+        if selector is not None:
+            feeds = selector_feeds(encoder, feeds)
+        record = calibrate_budget(selector or encoder, feeds, args.target_mean_k, graph.method.contextual)
         record["calibration"] = {"images": len(images), "source": source,
                                  "prompt": "fixed (calib.reader.CALIBRATION_PROMPT)" if text else "none"}
         print(f"      k_offset {record['k_offset']}: mean K {record['achieved_mean_k']} "

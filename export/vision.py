@@ -27,12 +27,12 @@ import torch
 from torch import nn
 
 from sparsezip_deploy.runtime.backends import open_backend
-from sparsezip_deploy.runtime.manifest import GraphSpec
+from sparsezip_deploy.runtime.manifest import TRUNK_OUTPUTS, GraphSpec
 from sparsezip_deploy.sparsezip.config import MethodConfig, SparseZipConfig
 from sparsezip_deploy.sparsezip.modules import build_compressor, project_text_to_vision
 
 from .errors import ExportError
-from .graph_io import dynamic_shapes, trunk_io, vision_io
+from .graph_io import SELECTOR_FILE, TRUNK_FILE, dynamic_shapes, trunk_io, vision_io
 from .llm import DTYPES
 from .parity import Comparison, check, check_selection, check_visual_tokens
 
@@ -77,7 +77,7 @@ class VisionGraph(nn.Module):
         self.last = tower.encoder.layers[count - 1]
         self.projector = llava.model.multi_modal_projector
         self.method = method
-        self.compressor = build_compressor(method)
+        self.compressor = build_compressor(method, self.project_float32)
         vc = config.vision_config
         self.image_size, self.patch_size = vc.image_size, vc.patch_size
         self.num_patches = (vc.image_size // vc.patch_size) ** 2
@@ -120,9 +120,17 @@ class VisionGraph(nn.Module):
     def forward(self, pixel_values, text_embeds=None, text_mask=None):
         return self.compress(*self.encode(pixel_values), text_embeds, text_mask)
 
+    def project_float32(self, patches: torch.Tensor) -> torch.Tensor:
+        """The projector on float32 selection inputs (sparsezip's forward text form)."""
+        return self.projector(patches.to(DTYPES[self.dtype_name])).float()
+
     def text_to_vision(self, text_embeds):
+        """The prompt as the text term reads it: mapped to vision width through the projector
+        transposed, or (forward form) left in the LLM space for the projected candidates."""
         if not self.text_aware:
             return None
+        if self.method.text_form == "forward":
+            return text_embeds
         return project_text_to_vision(text_embeds, self.projector.linear_1.weight.float(),
                                       self.projector.linear_2.weight.float())
 
@@ -155,14 +163,7 @@ def example_inputs(graph: VisionGraph, batch: int = 2, text_len: int = 7, seed: 
 
 def export_vision(graph: VisionGraph, path: Path) -> GraphSpec:
     """Export `graph` to ONNX (torch dynamo exporter, opset 18); dynamic batch and text length."""
-    io = graph.io()
-    feeds = example_inputs(graph)
-    with torch.no_grad():
-        torch.onnx.export(
-            graph.eval(), (), str(path), kwargs=feeds, dynamo=True, opset_version=OPSET,
-            input_names=list(io.inputs), output_names=list(io.outputs),
-            dynamic_shapes=dynamic_shapes(io), external_data=False, verbose=False)
-    return io
+    return _export(graph, example_inputs(graph), path)
 
 
 def run_onnx(path: Path, feeds: dict[str, torch.Tensor], spec: GraphSpec | None = None) -> dict[str, np.ndarray]:
@@ -173,7 +174,8 @@ def run_onnx(path: Path, feeds: dict[str, torch.Tensor], spec: GraphSpec | None 
 
 
 class Trunk(nn.Module):
-    """`encode` of a VisionGraph alone, as a graph of its own: what the selection reads (float16 parity check)."""
+    """`encode` of a VisionGraph alone, as a graph of its own: what the selection reads, and the
+    same for every prompt (the split engine's vision_trunk.onnx; the float16 parity check)."""
 
     def __init__(self, vision: VisionGraph):
         super().__init__()
@@ -187,16 +189,50 @@ class Trunk(nn.Module):
         return self.vision.encode(pixel_values)
 
 
-def export_trunk(graph: VisionGraph, path: Path) -> GraphSpec:
-    """Export `graph`'s tower up to l* alone (opset 18, dynamic batch), as export_vision exports the whole."""
-    trunk = Trunk(graph).eval()
-    io = trunk.io()
+class Selector(nn.Module):
+    """`compress` of a VisionGraph alone: the trunk's features (+ the prompt's words) -> the visual
+    tokens (the split engine's vision_selector.onnx, run once per question)."""
+
+    def __init__(self, vision: VisionGraph):
+        super().__init__()
+        self.vision = vision
+
+    def io(self) -> GraphSpec:
+        v = self.vision
+        return vision_io(v.image_size, v.num_slots, v.out_width, v.out_width if v.text_aware else None,
+                         features=Trunk(v).io())
+
+    def forward(self, hidden_states, cls_attn, kmet, text_embeds=None, text_mask=None):
+        return self.vision.compress(hidden_states, cls_attn, kmet, text_embeds, text_mask)
+
+
+def _export(module: nn.Module, feeds: dict[str, torch.Tensor], path: Path) -> GraphSpec:
+    """`module` to ONNX (torch dynamo exporter, opset 18), with its io()'s dynamic axes."""
+    io = module.io()
     with torch.no_grad():
         torch.onnx.export(
-            trunk, (), str(path), kwargs={"pixel_values": example_inputs(graph)["pixel_values"]}, dynamo=True,
-            opset_version=OPSET, input_names=list(io.inputs), output_names=list(io.outputs),
+            module.eval(), (), str(path), kwargs=feeds, dynamo=True, opset_version=OPSET,
+            input_names=list(io.inputs), output_names=list(io.outputs),
             dynamic_shapes=dynamic_shapes(io), external_data=False, verbose=False)
     return io
+
+
+def export_trunk(graph: VisionGraph, path: Path) -> GraphSpec:
+    """Export `graph`'s tower up to l* alone (opset 18, dynamic batch), as export_vision exports the whole."""
+    return _export(Trunk(graph), {"pixel_values": example_inputs(graph)["pixel_values"]}, path)
+
+
+def export_selector(graph: VisionGraph, path: Path) -> GraphSpec:
+    """Export `graph`'s selection and projector alone, traced on the tower's own features of example_inputs."""
+    feeds = example_inputs(graph)
+    with torch.no_grad():
+        features = graph.encode(feeds.pop("pixel_values"))
+    return _export(Selector(graph), {**dict(zip(TRUNK_OUTPUTS, features)), **feeds}, path)
+
+
+def export_split(graph: VisionGraph, folder: Path) -> tuple[GraphSpec, GraphSpec]:
+    """The trunk and the selector into `folder`, under their graph_io file names."""
+    return export_trunk(graph, folder / TRUNK_FILE), export_selector(graph, folder / SELECTOR_FILE)
 
 
 # Two prompts of different lengths (the shorter one padded) that name objects, as users' do.
@@ -268,10 +304,29 @@ def check_vision(graph: VisionGraph, path: Path, feeds: dict[str, torch.Tensor] 
             features = graph.encode(feeds["pixel_values"])
             return [str(c) for c in _check_compressed(graph, features, feeds, actual, "float32")]
         with tempfile.TemporaryDirectory() as tmp:
-            trunk_spec = export_trunk(graph, Path(tmp) / "trunk.onnx")
-            trunk = run_onnx(Path(tmp) / "trunk.onnx", {"pixel_values": feeds["pixel_values"]}, trunk_spec)
-        wanted = dict(zip(trunk_spec.outputs, (t.numpy() for t in graph.encode(feeds["pixel_values"]))))
-        results = check(wanted, trunk, graph.dtype_name)
-        features = tuple(torch.from_numpy(trunk[name]) for name in trunk_spec.outputs)
+            trunk_spec = export_trunk(graph, Path(tmp) / TRUNK_FILE)
+            results, features = _check_trunk(graph, Path(tmp) / TRUNK_FILE, trunk_spec, feeds)
+        results += _check_compressed(graph, features, feeds, actual, graph.dtype_name)
+    return [str(c) for c in results]
+
+
+def _check_trunk(graph: VisionGraph, path: Path, spec: GraphSpec, feeds) -> tuple[list[Comparison], tuple]:
+    """The trunk graph at `path` against torch's encode, within its dtype's tolerance; and ORT's features."""
+    trunk = run_onnx(path, {"pixel_values": feeds["pixel_values"]}, spec)
+    wanted = dict(zip(spec.outputs, (t.numpy() for t in graph.encode(feeds["pixel_values"]))))
+    return check(wanted, trunk, graph.dtype_name), tuple(torch.from_numpy(trunk[name]) for name in spec.outputs)
+
+
+def check_split(graph: VisionGraph, trunk: Path, selector: Path, feeds: dict[str, torch.Tensor] | None = None,
+                ) -> list[str]:
+    """A split engine's two graphs, as check_vision's float16 branch checks the fused one (for every
+    dtype): the trunk against torch's encode within tolerance, then the selector, fed ORT's own
+    trunk features, against torch's selection and projector on those same features (kept patches
+    exact but for the reference's top-K ties). Together they cover what the runtime runs."""
+    feeds = example_inputs(graph, seed=1) if feeds is None else feeds
+    with torch.no_grad():
+        results, features = _check_trunk(graph, trunk, Trunk(graph).io(), feeds)
+        text = {name: feeds[name] for name in ("text_embeds", "text_mask") if name in feeds}
+        actual = run_onnx(selector, {**dict(zip(TRUNK_OUTPUTS, features)), **text}, Selector(graph).io())
         results += _check_compressed(graph, features, feeds, actual, graph.dtype_name)
     return [str(c) for c in results]

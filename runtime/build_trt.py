@@ -30,10 +30,12 @@ from .backends.tensorrt import import_tensorrt, network_flags
 from .cuda import gpu_info
 from .engine import load_engine
 from .errors import EngineError, UserError
-from .manifest import PREFILL_GRAPH, Manifest, Plan, Profile, TensorRTInfo, artifact_entries, write_manifest
+from .manifest import (PREFILL_GRAPH, SELECTOR_GRAPH, TRUNK_GRAPH, VISION_GRAPH, Manifest, Plan, Profile,
+                       TensorRTInfo, artifact_entries, write_manifest)
 from .profiles import graph_profiles
 
-GRAPHS = ("vision", "llm", PREFILL_GRAPH)  # in this order, those the folder has
+# In this order, those the folder has (a vision graph, or a split engine's trunk and selector).
+GRAPHS = (VISION_GRAPH, TRUNK_GRAPH, SELECTOR_GRAPH, "llm", PREFILL_GRAPH)
 
 
 def build_plans(folder: Path, workspace_gib: float = 4.0, device_id: int = 0,

@@ -365,7 +365,8 @@ def format_figures(r: Result) -> str:
     lines = [
         f"visual tokens  {r.visual_tokens_kept} / {r.visual_tokens_total} kept"
         + (" (from the first turn)" if r.turn else ""),
-        f"vision         {r.vision_ms:.1f} ms" + (" (image reused)" if r.turn else ""),
+        f"vision         {r.vision_ms:.1f} ms" + (" (image reused)" if r.turn else
+                                                 " (image cached)" if r.vision_cached else ""),
         f"prefill        {r.prefill_ms:.1f} ms ({r.prompt_tokens} tokens)",
         f"first token    {r.ttft_ms:.1f} ms",
         f"decode         {speed} ({len(r.token_ids)} tokens, stop: {r.stop_reason})",

@@ -20,6 +20,7 @@ from .backends.base import Backend
 from .errors import EngineError
 from .kv_cache import KVCache
 from .manifest import GROUP_MASK, VISUAL_START, LlmPruning
+from .vision import VisionStage
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class VisualTokens:
     num_slots: int  # S, what the graph returns before dropping padding
     vision_ms: float  # the vision call that produced it (shared by a batch)
     slots: np.ndarray | None = None  # [S, D]: padding included (an LLM that prunes takes every slot)
+    cached: bool = False  # the image came from the vision stage's cache (split: only the selector ran)
 
 
 def text_features(table: np.ndarray, texts: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
@@ -79,11 +81,11 @@ def text_features(table: np.ndarray, texts: Sequence[Sequence[int]]) -> dict[str
     return {"text_embeds": embeds, "text_mask": mask}
 
 
-def encode_images(vision: Backend, pixel_values: np.ndarray,
+def encode_images(vision: VisionStage, pixel_values: np.ndarray,
                   text: dict[str, np.ndarray] | None = None) -> list[VisualTokens]:
     """pixel_values [B,3,H,W] (+ text_embeds [B,T,D], text_mask [B,T]) -> each row's valid visual tokens."""
     t0 = time.perf_counter()
-    out = vision.run({"pixel_values": pixel_values, **(text or {})})
+    out, cached = vision.encode(pixel_values, text)
     vision_ms = (time.perf_counter() - t0) * 1e3
     slots = out["visual_tokens"].shape[1]  # visual_tokens: [B,S,D]
     rows = []
@@ -91,7 +93,7 @@ def encode_images(vision: Backend, pixel_values: np.ndarray,
         if not 0 < n <= slots:
             raise EngineError(f"vision graph returned num_tokens {n} for {slots} slots")
         rows.append(VisualTokens(out["visual_tokens"][b, :n], out["kept_index"][b, :n], slots, vision_ms,
-                                 out["visual_tokens"][b]))
+                                 out["visual_tokens"][b], cached[b]))
     return rows
 
 

@@ -49,6 +49,11 @@ PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 PREFILL_GRAPH, VISUAL_START = "llm_prefill", "visual_start"
 GROUP_SLOTS, GROUP_MASK = "group_slots.%d", "group_mask.%d"
 PRUNE_METHODS = ("fastv", "sparsevlm")
+# The vision stage is one graph ("vision": CLIP to l*, selection, projector) or, split, two: the
+# prompt-independent trunk (CLIP to l*), whose outputs the runtime caches per image, and the
+# selector (scores, text term, TopK, merging, projector), which reads them and runs per question.
+VISION_GRAPH, TRUNK_GRAPH, SELECTOR_GRAPH = "vision", "vision_trunk", "vision_selector"
+TRUNK_OUTPUTS = ("hidden_states", "cls_attn", "kmet")  # layer l*: [B,N,C], CLS attention row [B,heads,N], keys [B,N,hd]
 NEW_KEY, NEW_VALUE = "new_key_values.%d.key", "new_key_values.%d.value"
 PIL_RESAMPLING = (0, 1, 2, 3, 4, 5)  # NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
 # Serving limits of a folder whose manifest declares none (export/build.py writes them).
@@ -413,6 +418,16 @@ class Manifest(Section):
         return self.method["method"]
 
     @property
+    def vision_split(self) -> bool:
+        """The vision stage is a trunk and a selector graph (else the one fused `vision` graph)."""
+        return TRUNK_GRAPH in self.graphs
+
+    @property
+    def vision_graphs(self) -> tuple[str, ...]:
+        """The vision stage's graph names, in the order they run."""
+        return (TRUNK_GRAPH, SELECTOR_GRAPH) if self.vision_split else (VISION_GRAPH,)
+
+    @property
     def serving_limits(self) -> Limits:
         if self.limits is not None:
             return self.limits
@@ -427,15 +442,20 @@ def _check_consistency(m: Manifest) -> None:
     """The sections must agree with each other before any graph is trusted with them."""
     if not isinstance(m.method.get("method"), str):
         raise ValueError("method.method: expected the method's name")
-    if missing := sorted({"vision", "llm"} - set(m.graphs)):
-        raise ValueError(f"graphs: no {' or '.join(missing)} graph")
+    if "llm" not in m.graphs:
+        raise ValueError("graphs: no llm graph")
+    split = {TRUNK_GRAPH, SELECTOR_GRAPH} & set(m.graphs)
+    if VISION_GRAPH in m.graphs and split:
+        raise ValueError(f"graphs: a {VISION_GRAPH} graph or a {TRUNK_GRAPH} + {SELECTOR_GRAPH} pair, not both")
+    if VISION_GRAPH not in m.graphs and len(split) != 2:
+        raise ValueError(f"graphs: no {VISION_GRAPH} graph (nor both {TRUNK_GRAPH} and {SELECTOR_GRAPH})")
     if m.image.output_size is not None and m.image.output_size != m.vision.image_size:
         raise ValueError(f"image: crops to {m.image.output_size} px but the vision graph takes "
                          f"{m.vision.image_size} px")
     if not m.image.do_center_crop and m.image.shortest_edge != m.vision.image_size:
         raise ValueError(f"image: resizes to {m.image.shortest_edge} px but the vision graph takes "
                          f"{m.vision.image_size} px")
-    needed = {m.graphs["vision"].file, m.graphs["llm"].file, m.llm.embed_tokens, TOKENIZER}
+    needed = {*(m.graphs[g].file for g in m.vision_graphs), m.graphs["llm"].file, m.llm.embed_tokens, TOKENIZER}
     if missing := sorted(needed - set(m.artifacts)):
         raise ValueError(f"artifacts: does not list {', '.join(missing)}")
     if bad := [n for n in m.artifacts if invalid(FileName, n)]:
@@ -447,7 +467,11 @@ def _check_consistency(m: Manifest) -> None:
     if m.vision.out_width != m.llm.hidden_size:
         raise ValueError(f"vision.out_width {m.vision.out_width} is not the LLM's hidden_size "
                          f"{m.llm.hidden_size} (the projector is fused)")
-    _check_vision_graph(m.graphs["vision"], m.vision)
+    if m.vision_split:
+        _check_trunk_graph(m.graphs[TRUNK_GRAPH], m.vision)
+        _check_vision_graph(m.graphs[SELECTOR_GRAPH], m.vision, m.graphs[TRUNK_GRAPH].outputs)
+    else:
+        _check_vision_graph(m.graphs[VISION_GRAPH], m.vision)
     _check_llm_graph(m.graphs["llm"], m.llm)
     if (PREFILL_GRAPH in m.graphs) != (m.llm.pruning is not None):
         raise ValueError(f"graphs: an {PREFILL_GRAPH} graph goes with llm.pruning, and only with it")
@@ -470,18 +494,40 @@ def _check_consistency(m: Manifest) -> None:
                 raise ValueError(f"artifacts: does not list the plan {plan.file}")
 
 
-def _check_vision_graph(g: GraphSpec, v: VisionInfo) -> None:
-    want = {"pixel_values"} | ({"text_embeds", "text_mask"} if v.text_aware else set())
+def _check_vision_graph(g: GraphSpec, v: VisionInfo, features: Mapping[str, TensorSpec] | None = None) -> None:
+    """The fused vision graph (pixel_values in), or with `features` (the trunk's outputs) the selector."""
+    where = f"graphs.{VISION_GRAPH if features is None else SELECTOR_GRAPH}"
+    image = {"pixel_values"} if features is None else set(features)
+    want = image | ({"text_embeds", "text_mask"} if v.text_aware else set())
     if set(g.inputs) != want:
-        raise ValueError(f"graphs.vision: inputs {sorted(g.inputs)} do not match text_aware={v.text_aware} "
+        raise ValueError(f"{where}: inputs {sorted(g.inputs)} do not match text_aware={v.text_aware} "
                          f"(expected {sorted(want)})")
-    _expect(g.inputs, "graphs.vision.inputs", "pixel_values", "float32", (BATCH, 3, v.image_size, v.image_size))
+    if features is None:
+        _expect(g.inputs, f"{where}.inputs", "pixel_values", "float32", (BATCH, 3, v.image_size, v.image_size))
+    for name, spec in (features or {}).items():
+        _expect(g.inputs, f"{where}.inputs", name, spec.dtype, spec.shape)
     if v.text_aware:
-        _expect(g.inputs, "graphs.vision.inputs", "text_embeds", "float32", (BATCH, TEXT_LEN, v.out_width))
-        _expect(g.inputs, "graphs.vision.inputs", "text_mask", "int64", (BATCH, TEXT_LEN))
-    _expect(g.outputs, "graphs.vision.outputs", "visual_tokens", "float32", (BATCH, v.num_slots, v.out_width))
-    _expect(g.outputs, "graphs.vision.outputs", "num_tokens", "int64", (BATCH,))
-    _expect(g.outputs, "graphs.vision.outputs", "kept_index", "int64", (BATCH, v.num_slots))
+        _expect(g.inputs, f"{where}.inputs", "text_embeds", "float32", (BATCH, TEXT_LEN, v.out_width))
+        _expect(g.inputs, f"{where}.inputs", "text_mask", "int64", (BATCH, TEXT_LEN))
+    _expect(g.outputs, f"{where}.outputs", "visual_tokens", "float32", (BATCH, v.num_slots, v.out_width))
+    _expect(g.outputs, f"{where}.outputs", "num_tokens", "int64", (BATCH,))
+    _expect(g.outputs, f"{where}.outputs", "kept_index", "int64", (BATCH, v.num_slots))
+
+
+def _check_trunk_graph(g: GraphSpec, v: VisionInfo) -> None:
+    """CLIP to l*: pixel_values in, TRUNK_OUTPUTS (float32, CLS + patches) out; text never enters it."""
+    where = f"graphs.{TRUNK_GRAPH}"
+    if set(g.inputs) != {"pixel_values"} or set(g.outputs) != set(TRUNK_OUTPUTS):
+        raise ValueError(f"{where}: inputs {sorted(g.inputs)}, outputs {sorted(g.outputs)}; expected "
+                         f"['pixel_values'], {sorted(TRUNK_OUTPUTS)}")
+    _expect(g.inputs, f"{where}.inputs", "pixel_values", "float32", (BATCH, 3, v.image_size, v.image_size))
+    tokens = 1 + v.num_patches
+    _expect(g.outputs, f"{where}.outputs", "hidden_states", "float32", (BATCH, tokens, v.hidden_size))
+    heads, head_dim = g.outputs["cls_attn"].shape[1], g.outputs["kmet"].shape[2]
+    if not (isinstance(heads, int) and isinstance(head_dim, int)):
+        raise ValueError(f"{where}.outputs: cls_attn's heads and kmet's head_dim must be static")
+    _expect(g.outputs, f"{where}.outputs", "cls_attn", "float32", (BATCH, heads, tokens))
+    _expect(g.outputs, f"{where}.outputs", "kmet", "float32", (BATCH, tokens, head_dim))
 
 
 def _check_llm_graph(g: GraphSpec, llm: LlmInfo) -> None:

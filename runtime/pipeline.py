@@ -40,6 +40,7 @@ from .manifest import PREFILL_GRAPH
 from .preprocess import load_image, preprocess
 from .profiles import gpu_cache_dir, tensorrt_ep_options, typical_feeds
 from .prompt import TextStream, check_length, first_turn_ids, load_tokenizer, next_turn_ids
+from .vision import DEFAULT_CACHE_SIZE, ImageCache, VisionStage
 
 ImageInput = str | PathLike | Image.Image
 
@@ -57,7 +58,9 @@ class Result:
     prompt_tokens: int  # positions prefilled this turn (text + visual on the first turn)
     prompt_text_tokens: int
     preprocess_ms: float
-    vision_ms: float  # 0 on follow-up turns: the image tokens are reused (a batch: its one vision call)
+    # 0 on follow-up turns: the image tokens are reused (a batch: its one vision call); a cached image:
+    # the selector's run (split engine) or the cache lookup alone.
+    vision_ms: float
     prefill_ms: float  # a batch: its one prefill call
     ttft_ms: float  # from the vision graph's start (a follow-up: the turn's start) to the first token
     decode_ms: float  # first token sampled -> this row's last token sampled
@@ -69,6 +72,9 @@ class Result:
     batch: int = 1  # rows answered together
     kept_index: tuple[int, ...] = field(default=(), repr=False)  # source patch per visual token, -1 CLS / merged
     kv_bytes_groups: tuple[int, ...] = ()  # kv_bytes per cache layer group (FastV / SparseVLM: > 1 group)
+    # This row's image came from the Pipeline's image cache (first turn only): a split engine ran
+    # only its selector (vision_ms is the selector's), a prompt-independent one no graph at all.
+    vision_cached: bool = False
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -97,19 +103,24 @@ class Pipeline:
     cuda | tensorrt (ONNX Runtime's execution providers), or "tensorrt" (native
     plans built by sparsezip-build-trt). The KV cache lives on that device.
     `trt_cache`: where the TensorRT EP keeps its engines (default: a per-GPU
-    folder under the engine's trt_cache/).
+    folder under the engine's trt_cache/). `image_cache`: how many recent images'
+    vision outputs are kept (runtime/vision.py: a split engine's trunk features,
+    or a prompt-independent graph's whole output), keyed by their pixels; 0 turns it off.
     """
 
     def __init__(self, engine_dir: str | PathLike, provider: str = "cpu", threads: int | None = None,
                  verify_checksums: bool = True, backend: str = "ort", device_id: int = 0,
-                 trt_cache: str | PathLike | None = None):
+                 trt_cache: str | PathLike | None = None, image_cache: int = DEFAULT_CACHE_SIZE):
+        cache = ImageCache(image_cache)  # a bad size is refused before any graph loads
         self.engine: EngineFolder = load_engine(engine_dir, verify_checksums=verify_checksums)
         self.limits = self.engine.manifest.serving_limits
         self.tokenizer = load_tokenizer(self.engine)
         self.table = self._load_table()
         if backend == "ort" and provider == "tensorrt" and trt_cache is None:
             trt_cache = gpu_cache_dir(self.engine, device_id)  # once: it asks the driver (or nvidia-smi)
-        self.vision = self._open(backend, "vision", provider, threads, device_id, trt_cache)
+        self.vision = VisionStage(self.engine.manifest, {
+            graph: self._open(backend, graph, provider, threads, device_id, trt_cache)
+            for graph in self.engine.manifest.vision_graphs}, cache)
         self.llm = self._open(backend, "llm", provider, threads, device_id, trt_cache)
         # FastV / SparseVLM: the image prefill, which drops visual tokens inside the LLM, is a graph of its own.
         self.llm_prefill = self._open(backend, PREFILL_GRAPH, provider, threads, device_id, trt_cache) \
@@ -118,7 +129,7 @@ class Pipeline:
             graph[1].activate()
 
     def _graphs(self) -> list[tuple[str, Backend]]:
-        graphs = [("vision", self.vision), ("llm", self.llm)]
+        graphs = [*self.vision.backends.items(), ("llm", self.llm)]
         return graphs + ([(PREFILL_GRAPH, self.llm_prefill)] if self.llm_prefill is not None else [])
 
     def _open(self, backend: str, graph: str, provider: str, threads: int | None, device_id: int,
@@ -132,9 +143,9 @@ class Pipeline:
             options = backend_options(backend, built=built, device_id=device_id)
             return open_backend(backend, engine.path(built.plans[graph].file), spec, options)
         extra = {}
-        if graph == "vision":
-            # One vision run per image, then the LLM's: its threads must not spin on after it, nor its
-            # activations stay resident under the LLM's.
+        if graph in engine.manifest.vision_graphs:
+            # One vision run per image (or question), then the LLM's: its threads must not spin on
+            # after it, nor its activations stay resident under the LLM's.
             extra = dict(spin=False, shrink_arena=True)
         if provider == "tensorrt":
             extra["provider_options"] = tuple(tensorrt_ep_options(engine, graph, trt_cache).items())
@@ -373,6 +384,7 @@ class Batch:
             peak_rss_bytes=rss,
             batch=self.size,
             kept_index=tuple(int(i) for i in self.visual[row].kept_index),
+            vision_cached=self.visual[row].cached and self.turns == 1,
         )
 
 

@@ -111,3 +111,23 @@ def test_one_build_quantises_calibrates_and_records_it(tiny_dir, tmp_path, shape
         result = pipe.ask(shapes_png, "What colour is the circle?", max_new_tokens=4)
     assert 1 + 16 + 10 <= result.visual_tokens_kept <= 1 + 53 + 10 and len(result.token_ids) >= 1
 
+
+
+def test_split_engine_quantises_its_trunk_and_fits_its_selector(tiny_dir, tmp_path, shapes_png):
+    """--split-vision: int8 on the trunk (l*'s q and k left float), the dynamic-K law fitted in the selector."""
+    out = tmp_path / "split"
+    assert _main("--model", str(tiny_dir), "--split-vision", "--vision-int8", "cpu", "--target-mean-k", "30",
+                 "--calib-count", "8", "--out", str(out)) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"]["vision"] == "int8"
+    record, budget = manifest["calibration"]["vision_int8"], manifest["calibration"]["dynamic_k"]
+    assert record["quantized_linears"] > 0 and len(record["float_linears"]) == 2  # l*'s q and k
+    trunk, selector = (onnx.load(out / name) for name in ("vision_trunk.onnx", "vision_selector.onnx"))
+    assert any(n.op_type == "MatMulInteger" for n in trunk.graph.node)
+    assert not any(n.op_type == "MatMulInteger" for n in selector.graph.node)
+    assert abs(budget["achieved_mean_k"] - 30) <= 1
+    assert read_law(selector).offset == pytest.approx(budget["k_offset"]) == manifest["method"]["k_offset"]
+    with Pipeline(out) as pipe:
+        first = pipe.ask(shapes_png, "What colour is the circle?", max_new_tokens=4)
+        second = pipe.ask(shapes_png, "Is there a square?", max_new_tokens=4)
+    assert second.vision_cached and 1 + 16 + 10 <= first.visual_tokens_kept <= 1 + 53 + 10

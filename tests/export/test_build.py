@@ -64,6 +64,33 @@ def test_engine_folder_is_complete_and_self_describing(engine):
     assert not [p for p in engine.parent.iterdir() if p.name.endswith(".partial")]
 
 
+def test_split_vision_writes_and_checks_trunk_and_selector(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "split"
+    assert build.main(["--model", str(tiny_dir), "--method", "sparsezip", "--k-max", "40", "--contextual", "8",
+                       "--split-vision", "--target", "tensorrt-10.3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "checking vision_trunk.onnx, then vision_selector.onnx on its features" in printed
+    for name in ("hidden_states", "cls_attn", "kmet", "kept_index (selected patches)", "visual_tokens"):
+        assert f"      {name}" in printed  # the trunk's outputs, then the selector's on them
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["artifacts"]) == {"vision_trunk.onnx", "vision_selector.onnx", "llm.onnx",
+                                          "embed_tokens.npy", "tokenizer.json"}
+    assert manifest["tools"]["tensorrt_lint"] == "tensorrt-10.3: no violations"
+    for graph in ("vision_trunk", "vision_selector"):
+        declared = manifest["graphs"][graph]
+        session = ort.InferenceSession(str(out / declared["file"]), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == list(declared["inputs"])
+        assert [o.name for o in session.get_outputs()] == list(declared["outputs"])
+        assert [i.shape for i in session.get_inputs()] == [v["shape"] for v in declared["inputs"].values()]
+
+
+@pytest.mark.parametrize("method", [["--method", "none"], ["--method", "sparsezip", "--beta", "0"]])
+def test_split_vision_is_for_text_aware_graphs(tiny_dir, tmp_path, capsys, method):
+    assert build.main(["--model", str(tiny_dir), *method, "--split-vision", "--out", str(tmp_path / "e")]) == 1
+    assert "--split-vision is for text-aware sparsezip" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
 def test_existing_folder_needs_force(engine, tiny_dir, capsys):
     assert build.main(["--model", str(tiny_dir), "--method", "none", "--out", str(engine)]) == 1
     assert "--force" in capsys.readouterr().err

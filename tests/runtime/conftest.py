@@ -35,6 +35,13 @@ def engine_sparsezip(tiny_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def engine_split(tiny_dir, tmp_path_factory) -> Path:
+    """engine_sparsezip with its vision stage split into vision_trunk + vision_selector."""
+    return _build(tiny_dir, tmp_path_factory.mktemp("engines") / "tiny-sparsezip-split", "sparsezip",
+                  *SPARSEZIP_OPTIONS, "--split-vision")
+
+
+@pytest.fixture(scope="session")
 def shapes_png(tmp_path_factory) -> Path:
     """A 480x360 picture of a few coloured shapes (not square: the crop matters)."""
     image = Image.new("RGB", (480, 360), (70, 70, 60))

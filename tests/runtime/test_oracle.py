@@ -58,7 +58,7 @@ def test_none_cli_equals_llava_generate(tiny, processor, engine_none, shapes_png
     assert got["visual_tokens_kept"] == got["visual_tokens_total"] == 576
 
 
-@pytest.mark.parametrize("engine_name", ["engine_visionzip", "engine_sparsezip"])
+@pytest.mark.parametrize("engine_name", ["engine_visionzip", "engine_sparsezip", "engine_split"])
 def test_compressed_equals_hf_llm_fed_the_same_visual_tokens(request, tiny, engine_name, shapes_png):
     """HF's LLM generates from [text before | the graph's visual tokens | text after]."""
     engine_dir = request.getfixturevalue(engine_name)

@@ -226,3 +226,25 @@ def test_cuda_python_12_and_13_layouts(monkeypatch):
             cuda.cudart()
     finally:
         cuda.cudart.cache_clear()
+
+
+def test_split_engine_gets_a_plan_per_vision_graph(engine_split, tmp_path, monkeypatch, shapes_png):
+    """vision_trunk and vision_selector each get their plan (one profile each) and run through the cache."""
+    monkeypatch.setattr(build_trt, "gpu_info", lambda device_id=0: Gpu("Fake GPU", "8.7"))
+    folder = tmp_path / "engine"
+    shutil.copytree(engine_split, folder)
+    fake = FakeTensorRT()
+    monkeypatch.setattr(build_trt, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
+    fake_cuda(monkeypatch)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert build_trt.main([str(folder)]) == 0
+    info = read_manifest(folder).tensorrt
+    assert list(info.plans) == ["vision_trunk", "vision_selector", "llm"]
+    assert [len(p.profiles) for p in info.plans.values()] == [1, 1, 2]
+    with Pipeline(folder) as cpu, Pipeline(folder, backend="tensorrt") as gpu:
+        questions = ("What is in the picture?", "How many shapes?")
+        want = [cpu.ask(shapes_png, q, max_new_tokens=5) for q in questions]
+        got = [gpu.ask(shapes_png, q, max_new_tokens=5) for q in questions]
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert [r.vision_cached for r in got] == [False, True]
