@@ -43,12 +43,24 @@ class VisionZipConfig:
                 f"exceeds the {num_patches} patches")
 
 
+FUSIONS = ("gated", "minmax", "zscore")
+TEXT_FORMS = ("transposed", "forward")
+
+
 @dataclass(frozen=True)
 class SparseZipConfig:
     """SparseZip: text-aware scores, dynamic K, score-weighted k-means merging.
 
     `k_offset` / `k_scale` are `c` / `g` of DESIGN.md:
     K = clamp(round(c + g * log(var(s) + eps)), k_min, k_max) when `dynamic_k`.
+
+    The text term (DESIGN.md step 2): `text_form` says how a patch meets the prompt
+    ("transposed": text embeddings mapped back through the projector transposed, as the
+    paper; "forward": the `candidates` best patches by visual score projected into the
+    LLM space, against the text embeddings there), `fusion` how the relevance joins the
+    visual score ("gated": min-max like the visual terms, times the relevance's own
+    contrast, so that a flat or noisy relevance leaves the visual ranking as it was;
+    "minmax"; "zscore", the first form, which lets noise outrank the visual score).
     """
 
     method: ClassVar[str] = "sparsezip"
@@ -57,8 +69,11 @@ class SparseZipConfig:
     alpha_mut: float = 0.3
     tau_feat: float = 1.0
     tau_sim: float = 0.1
-    beta: float = 0.5
+    beta: float = 8.0  # chosen on calibration scenes for the default model: benchmarks/text_term.py
     raters: bool = True
+    fusion: str = "gated"
+    text_form: str = "transposed"
+    candidates: int = 128
     dynamic_k: bool = False
     k_offset: float = 53.0
     k_scale: float = 8.0
@@ -89,6 +104,13 @@ class SparseZipConfig:
             raise ValueError("sparsezip: alphas and beta must be >= 0")
         if self.kmeans_iters < 0:
             raise ValueError("sparsezip: kmeans_iters must be >= 0")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"sparsezip: fusion {self.fusion!r}: choose one of {', '.join(FUSIONS)}")
+        if self.text_form not in TEXT_FORMS:
+            raise ValueError(f"sparsezip: text_form {self.text_form!r}: choose one of {', '.join(TEXT_FORMS)}")
+        if self.text_form == "forward" and not self.k_max <= self.candidates <= num_patches:
+            raise ValueError(f"sparsezip: candidates ({self.candidates}) must lie between k_max ({self.k_max}) "
+                             f"and the {num_patches} patches")
 
 
 MethodConfig = Union[NoneConfig, VisionZipConfig, SparseZipConfig]

@@ -142,12 +142,16 @@ class VisionZipCompressor(nn.Module):
 
 
 class SparseZipCompressor(nn.Module):
-    def __init__(self, config: SparseZipConfig):
+    """`project` [B,n,C] -> [B,n,D] float32: the projector, which the forward text form runs
+    on its candidates (VisionGraph passes it; the transposed form needs none)."""
+
+    def __init__(self, config: SparseZipConfig, project=None):
         super().__init__()
         self.config = config
+        self.project = project
 
-    def selection_scores(self, h, cls_attn, kmet, text_vis=None, text_mask=None) -> torch.Tensor:
-        """s [B,P] of DESIGN.md step 1-2."""
+    def visual_scores(self, h, cls_attn, kmet) -> torch.Tensor:
+        """[B,P] of DESIGN.md step 1: CLS attention, entropy and mutual information, each min-max."""
         c = self.config
         kn = l2_normalize(kmet[:, 1:])
         s = c.alpha_attn * minmax(cls_attn[:, :, 1:].mean(1))
@@ -158,9 +162,29 @@ class SparseZipCompressor(nn.Module):
             off_diagonal = ~torch.eye(num_patches, dtype=torch.bool, device=kn.device)
             h_sim = entropy(kn @ kn.transpose(1, 2) / c.tau_sim, off_diagonal) / math.log(num_patches - 1)
             s = s + c.alpha_mut * minmax(1.0 - h_sim)
-        if c.text_aware and text_vis is not None:
-            s = s + c.beta * zscore(text_relevance(h[:, 1:], text_vis, text_mask, c.raters))
         return s
+
+    def selection_scores(self, h, cls_attn, kmet, text_vis=None, text_mask=None) -> torch.Tensor:
+        """s [B,P] of DESIGN.md step 1-2. `text_vis`: the prompt's embeddings mapped to vision
+        width (transposed form) or as they are, in the LLM space (forward form)."""
+        c = self.config
+        s = self.visual_scores(h, cls_attn, kmet)
+        if c.text_aware and text_vis is not None:
+            s = s + c.beta * self.text_term(s, h[:, 1:], text_vis, text_mask)
+        return s
+
+    def text_term(self, visual, patches, text, text_mask) -> torch.Tensor:
+        """[B,P] the fused relevance (before beta). The forward form rates only the
+        `candidates` patches the visual score ranks first; the others get 0."""
+        c = self.config
+        if c.text_form == "transposed":
+            return fuse(text_relevance(patches, text, text_mask, c.raters), c.fusion)
+        if self.project is None:
+            raise ValueError("sparsezip: the forward text form needs the projector")
+        picks = topk_first(visual, c.candidates)  # [B,n], any order: the softmax does not care
+        projected = self.project(_gather_rows(patches, picks))
+        term = fuse(text_relevance(projected, text, text_mask, c.raters), c.fusion)
+        return (term.unsqueeze(1) @ one_hot(picks, patches.shape[1])).squeeze(1)
 
     def unrounded_k(self, s: torch.Tensor) -> torch.Tensor:
         """[B] float: c + g log(var(s) + eps), the dynamic K before rounding and clamping."""
@@ -221,6 +245,28 @@ class SparseZipCompressor(nn.Module):
         return tokens, num, kept
 
 
+def fuse(relevance: torch.Tensor, fusion: str) -> torch.Tensor:
+    """[B,n] relevance -> the text term [B,n] (SparseZipConfig.fusion).
+
+    "gated": min-max like the visual terms, times `contrast`, so a flat relevance adds
+    nothing and a noisy one (near-flat: a prompt the image does not answer, or a
+    projector not aligned with the word embeddings) adds little, however min-max
+    stretches it. "zscore" divides by the relevance's own spread, so the same noise
+    comes out as large as a real signal and outranks the visual score."""
+    if fusion == "zscore":
+        return zscore(relevance)
+    term = minmax(relevance)
+    return term if fusion == "minmax" else contrast(relevance) * term
+
+
+def contrast(relevance: torch.Tensor) -> torch.Tensor:
+    """[B,n] -> [B,1] in [0,1]: 1 - entropy / log n of the relevance as a distribution
+    over the patches: 0 when flat, 1 when all on one patch."""
+    p = relevance / relevance.sum(-1, keepdim=True).clamp_min(EPS)
+    h = -(p * torch.log(p.clamp_min(1e-12))).sum(-1, keepdim=True)
+    return (1.0 - h / math.log(relevance.shape[-1])).clamp(0.0, 1.0)
+
+
 def zscore(x: torch.Tensor) -> torch.Tensor:
     mean = x.mean(-1, keepdim=True)
     std = (x - mean).pow(2).mean(-1, keepdim=True).sqrt()
@@ -246,11 +292,12 @@ def text_relevance(patches: torch.Tensor, text_vis: torch.Tensor, text_mask: tor
     return (torch.softmax(logits, -1) * w.unsqueeze(-1)).sum(1) / w.sum(-1, keepdim=True).clamp_min(1.0)
 
 
-def build_compressor(config: MethodConfig) -> nn.Module:
+def build_compressor(config: MethodConfig, project=None) -> nn.Module:
+    """`project`: the projector as a float32 function, for sparsezip's forward text form."""
     if isinstance(config, NoneConfig):
         return NoneCompressor()
     if isinstance(config, VisionZipConfig):
         return VisionZipCompressor(config)
     if isinstance(config, SparseZipConfig):
-        return SparseZipCompressor(config)
+        return SparseZipCompressor(config, project)
     raise TypeError(f"no compressor for {type(config).__name__}")

@@ -5,7 +5,9 @@ One image at a time, numpy float64, Python loops and lists where the text says
 indices exactly and on values within float tolerance.
 
 Inputs per image: h [N,C], cls_attn [heads,N], kmet [N,hd]; optional text_vis
-[T,C] (text embeddings already mapped to vision width) and text_mask [T].
+[T,C] (text embeddings already mapped to vision width; for sparsezip's forward text
+form, the embeddings as they are, [T,D]) and text_mask [T]; `project`, the projector
+as a function of one patch [C] -> [D] (forward form only).
 Outputs are padded to the slot count S exactly as the graph pads them.
 """
 from __future__ import annotations
@@ -82,7 +84,36 @@ def text_relevance(patches, text_vis, text_mask, raters):
     return relevance / max(len(chosen), 1)
 
 
-def sparsezip_scores(h, cls_attn, kmet, config: SparseZipConfig, text_vis=None, text_mask=None):
+def contrast(relevance):
+    """1 - entropy / log n of the relevance as a distribution over its n patches."""
+    p = relevance / max(relevance.sum(), EPS)
+    h = -sum(float(q) * math.log(max(float(q), 1e-12)) for q in p)
+    return min(max(1.0 - h / math.log(len(relevance)), 0.0), 1.0)
+
+
+def fused(relevance, fusion):
+    if fusion == "zscore":
+        return (relevance - relevance.mean()) / (relevance.std() + EPS)
+    gate = contrast(relevance) if fusion == "gated" else 1.0
+    return gate * _minmax(relevance)
+
+
+def text_term(h, visual, config: SparseZipConfig, text_vis, text_mask, project):
+    """The fused relevance of each patch; forward form: of the `candidates` patches first by
+    visual score, each projected into the LLM space, and 0 for the others."""
+    patches = h[1:]
+    if config.text_form == "transposed":
+        return fused(text_relevance(patches, text_vis, text_mask, config.raters), config.fusion)
+    picks = _ranked(visual)[:config.candidates]
+    projected = np.stack([project(patches[i]) for i in picks])
+    term = fused(text_relevance(projected, text_vis, text_mask, config.raters), config.fusion)
+    out = np.zeros(len(patches))
+    for i, t in zip(picks, term):
+        out[i] = t
+    return out
+
+
+def sparsezip_scores(h, cls_attn, kmet, config: SparseZipConfig, text_vis=None, text_mask=None, project=None):
     num_patches = h.shape[0] - 1
     kn = [_normalize(kmet[1 + i]) for i in range(num_patches)]
     hd = len(kn[0])
@@ -96,8 +127,7 @@ def sparsezip_scores(h, cls_attn, kmet, config: SparseZipConfig, text_vis=None, 
     s = (config.alpha_attn * _minmax(s_attn) + config.alpha_ent * _minmax(ent)
          + config.alpha_mut * _minmax(mut))
     if config.text_aware and text_vis is not None:
-        rel = text_relevance(h[1:], text_vis, text_mask, config.raters)
-        s = s + config.beta * (rel - rel.mean()) / (rel.std() + EPS)
+        s = s + config.beta * text_term(h, s, config, text_vis, text_mask, project)
     return s
 
 
@@ -129,9 +159,9 @@ def reference_visionzip(h, cls_attn, kmet, config: VisionZipConfig, text_vis=Non
     return _pack(rows, kept, config.num_slots(num_patches), h.shape[1])
 
 
-def reference_sparsezip(h, cls_attn, kmet, config: SparseZipConfig, text_vis=None, text_mask=None):
+def reference_sparsezip(h, cls_attn, kmet, config: SparseZipConfig, text_vis=None, text_mask=None, project=None):
     num_patches, m = h.shape[0] - 1, config.contextual
-    s = sparsezip_scores(h, cls_attn, kmet, config, text_vis, text_mask)
+    s = sparsezip_scores(h, cls_attn, kmet, config, text_vis, text_mask, project)
     if config.dynamic_k:
         k = round(config.k_offset + config.k_scale * math.log(s.var() + EPS))
         k = min(max(k, config.k_min), config.k_max)
@@ -166,12 +196,13 @@ def reference_sparsezip(h, cls_attn, kmet, config: SparseZipConfig, text_vis=Non
     return _pack(rows, kept, config.num_slots(num_patches), h.shape[1])
 
 
-def reference(config: MethodConfig, h, cls_attn, kmet, text_vis=None, text_mask=None) -> Compressed:
+def reference(config: MethodConfig, h, cls_attn, kmet, text_vis=None, text_mask=None, project=None) -> Compressed:
     h, cls_attn, kmet = (np.asarray(x, dtype=np.float64) for x in (h, cls_attn, kmet))
     if text_vis is not None:
         text_vis = np.asarray(text_vis, dtype=np.float64)
-    fn = {NoneConfig: reference_none, VisionZipConfig: reference_visionzip,
-          SparseZipConfig: reference_sparsezip}[type(config)]
+    if isinstance(config, SparseZipConfig):
+        return reference_sparsezip(h, cls_attn, kmet, config, text_vis, text_mask, project)
+    fn = {NoneConfig: reference_none, VisionZipConfig: reference_visionzip}[type(config)]
     return fn(h, cls_attn, kmet, config, text_vis, text_mask)
 
 

@@ -119,6 +119,21 @@ def test_accuracy_scores_every_method_and_the_pytorch_model(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_image_cache_spares_the_trunk_on_the_second_question(latency, tmp_path):
+    """Reuses latency's work folder: its tiny model and sparsezip-64-text; builds only the split engine."""
+    work, _ = latency
+    out = tmp_path / "image_cache.json"
+    run("image_cache.py", "--build", "--work", str(work), "--size", "tiny", "--reps", "1", "--new-tokens", "3",
+        "--out", str(out))
+    report = json.loads(out.read_text())["configs"]
+    assert report["same_answers"] is True
+    assert report["split, cache on"]["question_2"]["vision_cached"] == [True]
+    for name in ("fused", "split, cache off", "split, cache on"):
+        assert report[name]["question_1"]["vision_cached"] == [False] and not report[name]["torch_imported"]
+        assert report[name]["question_2"]["vision_ms"] > 0
+    assert report["split, cache off"]["question_2"]["vision_cached"] == [False]
+
+
 def test_batch_answers_together_what_it_answers_alone(latency, tmp_path):
     work, _ = latency
     out = tmp_path / "batch.json"
@@ -146,3 +161,15 @@ def test_gpu_measures_what_runs_and_skips_the_rest_with_the_reason(latency, tmp_
     if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
         assert "onnxruntime-gpu" in report["skipped"]["tiny-none / cuda"]
     assert "| tiny-none | cpu |" in stdout
+
+
+def test_text_term_measures_every_fusion_and_chooses_a_beta(tmp_path):
+    out = tmp_path / "text_term.json"
+    run("text_term.py", "--model", "tiny", "--per-type", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from text_term import BETAS, BUDGETS
+    assert len(report["rows"]) == len(BUDGETS) * (1 + 2 * 3 * len(BETAS))
+    assert report["chosen"]["beta"] in BETAS and report["questions"] > 0
+    for row in report["rows"]:
+        assert 0 <= row["recall"] <= row["hit"] <= 1  # a question with any named patch kept is a hit

@@ -45,6 +45,16 @@ def engine_int8_cpu(engine_fp32, calib_images, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def engine_none_fp32(tiny_dir, tmp_path_factory) -> Path:
+    return _build(tiny_dir, tmp_path_factory.mktemp("engines") / "tiny-none-fp32", "none")
+
+
+@pytest.fixture(scope="session")
+def engine_none_int8(engine_none_fp32, calib_images, tmp_path_factory) -> Path:
+    return int8_engine(engine_none_fp32, tmp_path_factory.mktemp("engines") / "tiny-none-int8", "cpu", calib_images)
+
+
+@pytest.fixture(scope="session")
 def engine_int8_trt(engine_fp32, calib_images, tmp_path_factory) -> Path:
     pytest.importorskip("modelopt.onnx.quantization", reason=f"NVIDIA ModelOpt is not installed ({MODELOPT_HINT})")
     return int8_engine(engine_fp32, tmp_path_factory.mktemp("engines") / "tiny-sz-int8-trt", "tensorrt", calib_images)

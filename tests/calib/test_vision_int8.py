@@ -32,9 +32,11 @@ from .conftest import CALIB_COUNT
 
 QUESTION = "What colour is the circle?"
 NEW_TOKENS = 12
-# Prefill logits of the int8 engine against the float one: max |difference| over the logits' spread (std).
-# Measured 0.017 to 0.078 over three prompts on the tiny model.
+# Prefill logits of the int8 engine against the float one: max |difference| over the logits' spread (std),
+# on `none` engines, where only quantisation differs. Measured 0.017 to 0.078 over three prompts on the tiny
+# model (on sparsezip engines: 0.14-0.18, as int8 also swaps 2-3 near-tied patches of 53).
 LOGITS_TOLERANCE = 0.15
+SHARED_KEPT = 0.9  # kept patches the int8 sparsezip engine shares with the float one (51 of 53 measured)
 
 
 def manifest(engine):
@@ -99,26 +101,43 @@ def test_tensorrt_recipe_is_symmetric_int8_qdq(engine_int8_trt):
     assert float_inputs_only(model, record["float_linears"])
 
 
+def _prefill_logits(engine_dir, image):
+    """The runtime's visual tokens for QUESTION on `image`, the prompt around them, and the prefill logits."""
+    with Pipeline(engine_dir) as pipe:
+        engine = pipe.engine
+        ids = first_turn_ids(pipe.tokenizer, engine.prompt, engine.tokens, QUESTION, False)
+        visual = encode_images(pipe.vision, preprocess(load_image(image), engine.image),
+                               text_features(pipe.table, [ids.text_ids]))[0]
+        embeds = np.concatenate([embed(pipe.table, ids.before), visual.tokens, embed(pipe.table, ids.after)])
+        cache = KVCache(pipe.llm, engine.llm, 1, len(embeds) + 1)
+        return visual, embeds, prefill(pipe.llm, cache, embeds[None])[0]
+
+
 def test_int8_engine_answers_like_the_oracle(tiny, engine_fp32, engine_int8_cpu, shapes_png):
-    """The runtime on the int8 engine = HF's LLM fed the int8 graph's visual tokens; its prefill
-    logits stay near the float engine's."""
-    logits = {}
-    for name, engine_dir in (("fp32", engine_fp32), ("int8", engine_int8_cpu)):
-        with Pipeline(engine_dir) as pipe:
-            engine = pipe.engine
-            ids = first_turn_ids(pipe.tokenizer, engine.prompt, engine.tokens, QUESTION, False)
-            visual = encode_images(pipe.vision, preprocess(load_image(shapes_png), engine.image),
-                                   text_features(pipe.table, [ids.text_ids]))[0]
-            embeds = np.concatenate([embed(pipe.table, ids.before), visual.tokens, embed(pipe.table, ids.after)])
-            cache = KVCache(pipe.llm, engine.llm, 1, len(embeds) + 1)
-            logits[name] = prefill(pipe.llm, cache, embeds[None])[0]
-            got = pipe.ask(shapes_png, QUESTION, NEW_TOKENS)
+    """The runtime on the int8 engine = HF's LLM fed the int8 graph's visual tokens, and int8
+    moves few of the patches the float engine keeps."""
+    float_visual, _, _ = _prefill_logits(engine_fp32, shapes_png)
+    visual, embeds, _ = _prefill_logits(engine_int8_cpu, shapes_png)
+    with Pipeline(engine_int8_cpu) as pipe:
+        got = pipe.ask(shapes_png, QUESTION, NEW_TOKENS)
     with torch.no_grad():
         out = tiny.model.generate(inputs_embeds=torch.from_numpy(embeds)[None],
                                   attention_mask=torch.ones(1, len(embeds), dtype=torch.long),
                                   max_new_tokens=NEW_TOKENS, do_sample=False)
     assert list(got.token_ids) == out[0].tolist()
-    drift = np.abs(logits["int8"] - logits["fp32"]).max() / logits["fp32"].std()
+    kept, float_kept = (set(v.kept_index[v.kept_index >= 0].tolist()) for v in (visual, float_visual))
+    # The random tiny tower ranks many patches within int8 noise of each other: 2 of 53 swap
+    # (measured); an int8 graph that selected by something else would share few.
+    assert len(kept & float_kept) >= SHARED_KEPT * len(float_kept), (sorted(kept - float_kept),
+                                                                     sorted(float_kept - kept))
+
+
+def test_int8_moves_the_prefill_logits_little(engine_none_fp32, engine_none_int8, shapes_png):
+    """Quantisation alone (`none`: every patch, no selection that int8 could reorder): the
+    prefill logits of the int8 engine stay near the float engine's."""
+    _, _, float_logits = _prefill_logits(engine_none_fp32, shapes_png)
+    _, _, logits = _prefill_logits(engine_none_int8, shapes_png)
+    drift = np.abs(logits - float_logits).max() / float_logits.std()
     assert drift <= LOGITS_TOLERANCE, f"int8 moved the prefill logits by {drift:.3f} of their spread"
 
 

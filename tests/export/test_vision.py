@@ -14,7 +14,8 @@ METHODS = {
     "none": NoneConfig(),
     "visionzip": VisionZipConfig(),
     "sparsezip": SparseZipConfig(beta=0.0),
-    "sparsezip-text": SparseZipConfig(beta=1.0),
+    "sparsezip-text": SparseZipConfig(beta=4.0),  # the gated term: at most beta x contrast (~0.4 here)
+    "sparsezip-forward": SparseZipConfig(beta=1.0, text_form="forward", candidates=100),
     "sparsezip-dynamic": SparseZipConfig(beta=1.0, dynamic_k=True, k_offset=75.0, k_scale=6.0, k_min=16,
                                          k_max=96, contextual=12),
 }
@@ -61,9 +62,15 @@ def test_ort_selects_what_the_reference_selects(exported, name):
         text_vis = None
         if graph.text_aware:
             text_vis = feeds["text_embeds"] @ graph.projector.linear_2.weight @ graph.projector.linear_1.weight
+        if graph.text_aware and graph.method.text_form == "forward":
+            text_vis = feeds["text_embeds"]  # the forward form reads the text where it is, in the LLM space
+
+    def project(patch):  # the reference's forward form: one patch through the whole projector
+        with torch.no_grad():
+            return graph.projector(torch.from_numpy(patch).float()).double().numpy()
     refs = [reference(graph.method, h[b].numpy(), cls_attn[b].numpy(), kmet[b].numpy(),
                       None if text_vis is None else text_vis[b].numpy(),
-                      None if text_vis is None else feeds["text_mask"][b].numpy()) for b in range(2)]
+                      None if text_vis is None else feeds["text_mask"][b].numpy(), project) for b in range(2)]
     with torch.no_grad():
         projected = [graph.projector(torch.from_numpy(r.tokens).float()).numpy() for r in refs]
     expected = {
@@ -129,8 +136,12 @@ def test_graph_rules(exported, name):
     assert bool(topk) == (name != "none")
     for node in topk:
         assert node.input[1] in constants, "TopK's K must be a constant"
-        # visionzip: dominant - 1; sparsezip: k_max. Either way S - contextual - 1.
-        assert int(constants[node.input[1]].reshape(-1)[0]) == graph.num_slots - graph.method.contextual - 1
+        # visionzip: dominant - 1; sparsezip: k_max. Either way S - contextual - 1. The forward
+        # text form adds one more: its candidates.
+        allowed = {graph.num_slots - graph.method.contextual - 1}
+        if graph.text_aware and graph.method.text_form == "forward":
+            allowed.add(graph.method.candidates)
+        assert int(constants[node.input[1]].reshape(-1)[0]) in allowed
     outputs = {o.name: o for o in model.graph.output}
     for out in ("visual_tokens", "kept_index"):
         dims = outputs[out].type.tensor_type.shape.dim

@@ -5,7 +5,7 @@ import torch
 
 from sparsezip_deploy.sparsezip.config import NoneConfig, SparseZipConfig, VisionZipConfig, config_from_dict, \
     config_to_dict
-from sparsezip_deploy.sparsezip.modules import build_compressor, project_text_to_vision
+from sparsezip_deploy.sparsezip.modules import build_compressor, contrast, project_text_to_vision, text_relevance
 from sparsezip_deploy.sparsezip.ops import topk_first
 from sparsezip_deploy.sparsezip.reference import reference, reference_text_to_vision
 
@@ -19,6 +19,8 @@ CONFIGS = [
     SparseZipConfig(),
     SparseZipConfig(beta=0.0),
     SparseZipConfig(raters=False, beta=2.0),
+    SparseZipConfig(fusion="zscore"),
+    SparseZipConfig(fusion="minmax", beta=1.0, raters=False),
     SparseZipConfig(alpha_ent=0.0, alpha_mut=0.0, kmeans_iters=0),
     SparseZipConfig(alpha_attn=0.0, alpha_ent=1.0, alpha_mut=1.0, tau_sim=0.5, tau_feat=0.3),
     SparseZipConfig(dynamic_k=True, k_offset=60.0, k_scale=10.0, k_min=8, k_max=120, contextual=16),
@@ -27,10 +29,19 @@ CONFIGS = [
 ]
 
 
-def run_module(config, feats):
+def run_module(config, feats, project=None):
     h, cls_attn, kmet, text_vis, text_mask = feats
     with torch.no_grad():
-        return [t.numpy() for t in build_compressor(config)(h, cls_attn, kmet, text_vis, text_mask)]
+        return [t.numpy() for t in build_compressor(config, project)(h, cls_attn, kmet, text_vis, text_mask)]
+
+
+def kept_sets(kept: np.ndarray) -> list[set[int]]:
+    return [set(row[row >= 0].tolist()) for row in kept]
+
+
+def overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over images of the share of a's kept patches that b keeps too."""
+    return float(np.mean([len(x & y) / len(x) for x, y in zip(kept_sets(a), kept_sets(b))]))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-{abs(hash(c)) % 10**6}")
@@ -110,7 +121,10 @@ def test_config_round_trip(config):
 @pytest.mark.parametrize("bad", [VisionZipConfig(dominant=570, contextual=10),
                                  SparseZipConfig(k_min=60, k_max=50),
                                  SparseZipConfig(k_max=570, contextual=10),
-                                 SparseZipConfig(tau_sim=0.0)])
+                                 SparseZipConfig(tau_sim=0.0),
+                                 SparseZipConfig(fusion="softmax"),
+                                 SparseZipConfig(text_form="backward"),
+                                 SparseZipConfig(text_form="forward", candidates=40)])
 def test_invalid_configs_are_rejected(bad):
     with pytest.raises(ValueError):
         bad.validate(NUM_PATCHES)
@@ -121,3 +135,97 @@ def test_unknown_method_or_option_is_rejected():
         config_from_dict({"method": "tome"})
     with pytest.raises(ValueError, match="unknown option"):
         config_from_dict({"method": "visionzip", "k_max": 3})
+
+
+def _flat_and_noise(text_vis):
+    """A relevance that knows nothing: flat up to float rounding, then weak noise (a prompt
+    whose embeddings barely correlate with the patches, as through an unaligned projector)."""
+    return [("near-flat", text_vis * 1e-4), ("noise", text_vis * 0.05)]
+
+
+def test_an_uninformative_text_term_leaves_the_visual_ranking():
+    h, cls_attn, kmet, text_vis, text_mask = structured_features()
+    visual = run_module(SparseZipConfig(beta=0.0), (h, cls_attn, kmet, text_vis, text_mask))[2]
+    for name, weak in _flat_and_noise(text_vis):
+        kept = run_module(SparseZipConfig(fusion="gated", beta=1.0), (h, cls_attn, kmet, weak, text_mask))[2]
+        assert kept_sets(kept) == kept_sets(visual), f"a {name} relevance changed the kept patches"
+
+
+def test_zscore_and_minmax_let_noise_outrank_the_visual_score():
+    """What the gate is for: the same weak noise, min-max or z-scored, replaces a third or more."""
+    h, cls_attn, kmet, text_vis, text_mask = structured_features()
+    visual = run_module(SparseZipConfig(beta=0.0), (h, cls_attn, kmet, text_vis, text_mask))[2]
+    noise = text_vis * 0.05
+    for fusion in ("minmax", "zscore"):
+        kept = run_module(SparseZipConfig(fusion=fusion, beta=1.0), (h, cls_attn, kmet, noise, text_mask))[2]
+        assert overlap(kept, visual) < 0.7, fusion
+
+
+def _naming(h, targets, gain=3.0):
+    """Text tokens that each name one of `targets` (its hidden state, scaled): a relevance that knows."""
+    text = torch.stack([h[b, 1 + targets[b]] * gain for b in range(h.shape[0])])  # [B,T,C]
+    return text, torch.ones(text.shape[:2], dtype=torch.int64)
+
+
+def test_an_informative_text_term_brings_in_what_it_names():
+    h, cls_attn, kmet, _, _ = structured_features()
+    config = SparseZipConfig(beta=1.0, raters=False)  # raters would keep only some of the 4 words
+    visual = build_compressor(SparseZipConfig(beta=0.0)).visual_scores(h, cls_attn, kmet)
+    targets = visual.argsort(-1, descending=True)[:, 100:104]  # ranked well past k_max = 53
+    text, mask = _naming(h, targets)
+    kept = run_module(config, (h, cls_attn, kmet, text, mask))[2]
+    for row, wanted in zip(kept_sets(kept), targets.tolist()):
+        assert set(wanted) <= row
+    assert float(contrast(text_relevance(h[:, 1:], text, mask, False)).min()) > 0.5
+
+
+def test_contrast_is_zero_when_flat_and_one_on_a_single_patch():
+    flat = torch.full((1, 576), 1 / 576)
+    peak = torch.zeros(1, 576)
+    peak[0, 7] = 1.0
+    assert float(contrast(flat)) == pytest.approx(0.0, abs=1e-6)
+    assert float(contrast(peak)) == pytest.approx(1.0, abs=1e-6)
+
+
+def _projector(width_in: int, width_out: int, seed: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    w1, b1 = torch.randn(width_out, width_in, generator=g) / width_in ** 0.5, torch.randn(width_out, generator=g)
+    w2, b2 = torch.randn(width_out, width_out, generator=g) / width_out ** 0.5, torch.randn(width_out, generator=g)
+
+    def torch_project(x):
+        return torch.nn.functional.gelu(x @ w1.T + b1) @ w2.T + b2
+
+    def numpy_project(x):  # the reference's: one patch [C] float64 -> [D]
+        return torch_project(torch.from_numpy(np.asarray(x, np.float32))).double().numpy()
+    return torch_project, numpy_project
+
+
+@pytest.mark.parametrize("config", [SparseZipConfig(text_form="forward", beta=1.0),
+                                    SparseZipConfig(text_form="forward", candidates=60, fusion="minmax",
+                                                    raters=False, dynamic_k=True, k_min=8)],
+                         ids=["gated", "minmax-dynamic"])
+def test_forward_form_equals_reference(config):
+    h, cls_attn, kmet, _, _ = structured_features()
+    torch_project, numpy_project = _projector(h.shape[-1], 24)
+    g = torch.Generator().manual_seed(9)
+    text = torch.randn(h.shape[0], 5, 24, generator=g) * 2.0
+    mask = torch.ones(h.shape[0], 5, dtype=torch.int64)
+    mask[1, -1] = 0
+    tokens, num, kept = run_module(config, (h, cls_attn, kmet, text, mask), torch_project)
+    visual = run_module(SparseZipConfig(beta=0.0, k_max=config.candidates),
+                        (h, cls_attn, kmet, None, None))[2]
+    for b in range(h.shape[0]):
+        ref = reference(config, h[b].numpy(), cls_attn[b].numpy(), kmet[b].numpy(), text[b].numpy(),
+                        mask[b].numpy(), numpy_project)
+        assert int(num[b]) == ref.num_tokens
+        np.testing.assert_array_equal(kept[b], ref.kept_index)
+        np.testing.assert_allclose(tokens[b], ref.tokens, atol=2e-5, rtol=1e-5)
+    # It re-ranks the visual score's candidates and never reaches past them.
+    for row, candidates in zip(kept_sets(kept), kept_sets(visual)):
+        assert row <= candidates
+
+
+def test_forward_form_needs_the_projector():
+    h, cls_attn, kmet, text_vis, text_mask = structured_features()
+    with pytest.raises(ValueError, match="projector"):
+        run_module(SparseZipConfig(text_form="forward"), (h, cls_attn, kmet, text_vis, text_mask))
