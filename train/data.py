@@ -88,6 +88,7 @@ class Batch:
     targets: torch.Tensor  # [B, T] next-token target per position, IGNORE elsewhere
     cls_targets: torch.Tensor  # [B, CLS_TARGETS] multi-label 0/1
     patch_targets: torch.Tensor  # [B, P, len(PATCH_TARGETS)] classes, 0 = background
+    patch_owner: torch.Tensor  # [B, P] the shape under each patch, 1 + its index in scene.shapes; 0 = none
     # Attention targets (training aids; see train.py's guide loss), positions in `after`:
     ground_at: torch.Tensor  # [B, G] each word that names something (colour, kind, "small"); -1 = none
     ground_to: torch.Tensor  # [B, G, P] the patches it names (none: it should look at BOS)
@@ -110,18 +111,21 @@ def cls_targets(scene: Scene) -> np.ndarray:
     return out
 
 
-def patch_labels(scene: Scene, owner: np.ndarray, patch: int) -> np.ndarray:
-    """[P, len(PATCH_TARGETS)] classes of the shape covering each patch (row-major, as CLIP orders them)."""
+def patch_owners(scene: Scene, owner: np.ndarray, patch: int) -> np.ndarray:
+    """[P] the shape covering each patch (row-major, as CLIP orders them): i + 1 = scene.shapes[i], 0 = none."""
     grid = owner.shape[0] // patch
     cells = owner.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
     counts = np.stack([(cells == i + 1).sum(1) for i in range(len(scene.shapes))], 1)  # [P, shapes]
-    best = counts.argmax(1)
-    covered = counts.max(1) >= PATCH_COVER * patch * patch
+    return np.where(counts.max(1) >= PATCH_COVER * patch * patch, counts.argmax(1) + 1, 0)
+
+
+def patch_labels(scene: Scene, owners: np.ndarray) -> np.ndarray:
+    """[P, len(PATCH_TARGETS)] classes of the shape covering each patch (`patch_owners`)."""
     per_shape = np.array([
         (1 + list(COLOURS).index(s.colour), 1 + KINDS.index(s.kind), 1 + SIZES.index(s.size),
          1 + (SIDES.index(where) + 1 if (where := side(s, scene.image_size)) else 0), scene.count(s.kind))
         for s in scene.shapes])
-    return np.where(covered[:, None], per_shape[best], 0)
+    return np.where(owners[:, None] > 0, per_shape[np.maximum(owners - 1, 0)], 0)
 
 
 # The word each question type's answer is read through: the shape it names (colours are
@@ -152,11 +156,12 @@ class Words:
 def make_batch(scenes: list[Scene], questions: list[list[Question]], prompter: Prompter,
                patch: int) -> Batch:
     config = image_config(scenes[0].image_size)
-    pixels, labels, seqs = [], [], []
+    pixels, owners, labels, seqs = [], [], [], []
     for scene, asked in zip(scenes, questions):
         image, owner = render(scene)
         pixels.append(preprocess(image, config)[0])
-        labels.append(patch_labels(scene, owner, patch))
+        owners.append(patch_owners(scene, owner, patch))
+        labels.append(patch_labels(scene, owners[-1]))
         seqs.append(prompter.conversation(asked))
     width = max(len(tokens) for tokens, _ in seqs)
     turns = max(len(asked) for asked in questions)
@@ -190,7 +195,7 @@ def make_batch(scenes: list[Scene], questions: list[list[Question]], prompter: P
         before=torch.tensor(prompter.before),
         after=torch.from_numpy(after), mask=torch.from_numpy(mask), targets=torch.from_numpy(targets),
         cls_targets=torch.from_numpy(np.stack([cls_targets(s) for s in scenes])),
-        patch_targets=torch.from_numpy(np.stack(labels)),
+        patch_targets=torch.from_numpy(np.stack(labels)), patch_owner=torch.from_numpy(np.stack(owners)),
         ground_at=torch.from_numpy(ground_at), ground_to=torch.from_numpy(ground_to),
         answer_at=torch.from_numpy(answer_at), route_to=torch.from_numpy(route_to),
     )

@@ -2,17 +2,24 @@
 
 A LLaVA-1.5 with the real geometry (336 px, patch 14, 576 patches + CLS, features of
 layer -2, 2-layer GELU projector, Llama decoder) and small widths, trained from
-scratch on generated scenes, on a CPU, in about half an hour. Two stages:
+scratch on generated scenes, on a CPU, in under an hour. Three stages, as LLaVA-1.5's
+two after a tower's pretraining:
 
-1. The vision tower alone, on dense targets: for the CLS token of the feature layer,
-   multi-label scene attributes (the image-level objective CLIP's contrastive
-   pretraining gives a real tower, so that CLS attention, what VisionZip and SparseZip
-   rank patches by, points at objects); for each patch, the colour, kind, size, side and
-   kind count of the shape under it (PATCH_TARGETS in data.py).
-2. The tower frozen, the projector set to the patch probes (`probe_projector`), the LLM
-   trained on next-token cross-entropy over the answers (and the EOS after each), with
-   two attention guides (`guide_losses`): each word that names something looks at what
-   it names, and each answer looks at the word it is read through.
+1. The vision tower alone (train/vision.py), on dense targets: for the CLS token of the
+   feature layer, multi-label scene attributes (the image-level objective CLIP's
+   contrastive pretraining gives a real tower, so that CLS attention, what VisionZip and
+   SparseZip rank patches by, points at objects); for each patch, the colour, kind, size,
+   side and kind count of the shape under it (PATCH_TARGETS in data.py); two attention
+   guides that group a shape's patches and count the shapes of a kind.
+1b. Feature alignment (train/align.py): the word embeddings are set to a designed space
+   and frozen for good, the tower is frozen, and the projector alone learns to put each
+   patch on the sum of the embeddings of the words for what it shows (its colour, kind,
+   size, side, count), through its output and through the linear path SparseZip's text
+   term reads (W1^T W2^T e).
+2. Instruction tuning: the LLM (all but its word embeddings) trained on next-token
+   cross-entropy over the answers (and the EOS after each), with two attention guides
+   (`guide_losses`): each word that names something looks at what it names, and each
+   answer looks at the word it is read through.
 
 Curriculum: for the first `sparse_steps` steps of stage 2 the LLM sees what a compressed
 engine feeds it (CLS, the patches on shapes and a few others in spatial order, merged
@@ -41,8 +48,10 @@ from sparsezip_deploy.export.tiny import BUILD_INFO, TinyConfig, build_tiny
 from sparsezip_deploy.export.tokenizer import BOS, EOS, IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, build_tokenizer
 from sparsezip_deploy.scenes.questions import HELDOUT_PER_TYPE, TYPES, Example, ask, heldout
 from sparsezip_deploy.scenes.scene import SceneConfig, sample_scene
-from sparsezip_deploy.train.data import (CLS_TARGETS, IGNORE, PATCH_CLASSES, Batch, Prompter,
-                                         make_batch, shuffled_types)
+from sparsezip_deploy.train.align import CaptionCode, alignment_figures, alignment_losses, design_embeddings
+from sparsezip_deploy.train.data import IGNORE, Batch, Prompter, make_batch, shuffled_types
+from sparsezip_deploy.train.vision import (Heads, feature_layer_states, probe_accuracy, sincos_positions,
+                                           tower_guide_losses, vision_losses)
 
 TRAINING_INFO = "training.json"
 
@@ -50,21 +59,37 @@ TRAINING_INFO = "training.json"
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    # On 2 idle cores (several times slower on a busy machine): a stage-1 step about
-    # 0.5 s, a stage-2 step 0.3 s compressed and 0.9 s over all 576 patches; ~20 minutes.
-    vision_steps: int = 700  # stage 1: the vision tower and its heads
-    steps: int = 1600  # stage 2: the LLM on the answers
+    # On 2 idle cores: a stage-1 step about 0.8 s, an alignment step 0.3 s, a stage-2 step
+    # 0.35 s compressed and 1 s over all 576 patches; ~50 minutes in all.
+    vision_steps: int = 1200  # stage 1: the vision tower, its probes and guides (train/vision.py)
+    align_steps: int = 300  # stage 1b: the projector alone (train/align.py)
+    steps: int = 2000  # stage 2: the LLM on the answers
     batch: int = 8  # images per step, each with one question of every type
     lr: float = 2e-3
     warmup: int = 50
     weight_decay: float = 0.01
     clip: float = 1.0
+    # Tower attention guides (train/vision.py): the layers that group a shape's patches and
+    # count the shapes of a kind, how many heads of each are guided, the loss weight.
+    group_layer: int = 1
+    count_layer: int = 2
+    vision_guide_heads: int = 2
+    vision_guide_weight: float = 1.0
+    position_gain: float = 1.0  # sincos_positions: the position embeddings' start, against patch content
+    # Alignment (train/align.py): the norm of a patch's caption target in word norms, the
+    # weight of its size, side and count words against its colour and kind, the
+    # temperature of its cosine cross-entropy among all words, and the held-out questions
+    # per type its figures are measured on.
+    align_scale: float = 64.0
+    align_detail: float = 0.5
+    align_temperature: float = 0.1
+    align_eval_per_type: int = 20
     # Curriculum: for the first `sparse_steps` steps the LLM sees what a compressed engine
     # feeds it (`compressed_view`: CLS, the patches on shapes plus `sparse_background`
     # random others, `sparse_contextual` merged tokens): a sequence a fifth as long, steps
     # several times faster, and a model that answers from compressed engines too. Trained
     # on all 576 patches only, it answered at chance from sparsezip-64 (32% vs 53%).
-    sparse_steps: int = 1200
+    sparse_steps: int = 1400
     sparse_background: int = 24
     sparse_contextual: int = 10
     ground_layer: int = 0  # guide_losses: the LLM layers whose attention is guided
@@ -77,9 +102,10 @@ class TrainConfig:
     heldout_per_type: int = HELDOUT_PER_TYPE  # the score written into training.json
     vision_hidden: int = 128
     vision_heads: int = 4
-    # 4 layers: features come from layer 3 (index -2); the 4th exists, as in CLIP, but is
-    # never run by the deployed graph nor trained here.
-    vision_layers: int = 4
+    # 5 layers: features come from layer 4 (index -2); the 5th exists, as in CLIP, but is
+    # never run by the deployed graph nor trained here. Of the 4 used, one sees each patch's
+    # neighbourhood, one groups it with its shape, one counts, one reads out.
+    vision_layers: int = 5
     vision_mlp: int = 384
     llm_hidden: int = 128
     llm_heads: int = 4
@@ -105,26 +131,6 @@ def model_shape(config: TrainConfig) -> TinyConfig:
                       llm_kv_heads=config.llm_kv_heads, llm_layers=config.llm_layers,
                       llm_mlp=config.llm_mlp, qk_scale=1.0, rope_theta=config.rope_theta,
                       llm_init_std=config.llm_init_std)
-
-
-def feature_layer_states(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] -> hidden states of `vision_feature_layer` [B, 1 + P, C], later layers skipped."""
-    tower = model.model.vision_tower
-    layers = tower.encoder.layers
-    used = len(layers) + 1 + model.config.vision_feature_layer  # hidden_states[k] = output of k layers
-    hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))
-    for layer in layers[:used]:
-        hidden = layer(hidden, None)
-    return hidden
-
-
-class Heads(torch.nn.Module):
-    """Training-only linear probes on the feature layer; not part of the saved model."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.cls = torch.nn.Linear(width, CLS_TARGETS)
-        self.patch = torch.nn.Linear(width, sum(PATCH_CLASSES))
 
 
 def sparse_patches(batch: Batch, background: int, generator: torch.Generator) -> torch.Tensor:
@@ -216,14 +222,6 @@ def guide_losses(attentions: tuple[torch.Tensor, ...], batch: Batch, index: torc
             "route": attention_mass(attentions[config.route_layer], config.guide_heads, answer_at, route_to)}
 
 
-def vision_losses(heads: Heads, batch: Batch, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-    cls = F.binary_cross_entropy_with_logits(heads.cls(hidden[:, 0]), batch.cls_targets)
-    patch_logits = heads.patch(hidden[:, 1:]).split(PATCH_CLASSES, -1)
-    patch = sum(F.cross_entropy(lg.flatten(0, 1), batch.patch_targets[..., i].flatten())
-                for i, lg in enumerate(patch_logits))
-    return {"cls": cls, "patch": patch}
-
-
 @torch.no_grad()
 def evaluate(model: LlavaForConditionalGeneration, prompter: Prompter, examples: list[Example],
              patch: int, batch: int = 16) -> dict[str, float]:
@@ -250,25 +248,6 @@ def lr_at(step: int, config: TrainConfig, steps: int) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def probe_projector(projector: torch.nn.Module, heads: Heads) -> None:
-    """Start the projector as the patch probes: linear_1's first rows are the probes'
-    logits (colour, kind, size, side, count of the shape under the patch), the rest zero;
-    linear_2 is the identity. Each visual token reaches the LLM as GELU of those logits:
-    a clean code of what it shows, in dims the LLM's text embeddings share.
-
-    From random init over raw features the LLM saw every visual token nearly alike (one
-    shared offset held ~93% of the norm), and a trained projector collapsed colour and
-    kind into one direction; neither beat chance in 1000 steps."""
-    weight, bias = heads.patch.weight, heads.patch.bias
-    with torch.no_grad():
-        projector.linear_1.weight.zero_()
-        projector.linear_1.bias.zero_()
-        projector.linear_1.weight[: len(weight)] = weight
-        projector.linear_1.bias[: len(bias)] = bias
-        projector.linear_2.weight.copy_(torch.eye(projector.linear_2.out_features, projector.linear_2.in_features))
-        projector.linear_2.bias.zero_()
-
-
 def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -287,44 +266,77 @@ def step_optimizer(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: flo
 
 def train(config: TrainConfig, out: Path, scene_config: SceneConfig = SceneConfig(),
           log=print) -> dict[str, float]:
-    """Stage 1 trains the vision tower on its own targets; stage 2 freezes it and the
-    projector (set to the tower's patch probes) and trains the LLM on the answers."""
+    """Stage 1 trains the vision tower on its own targets and guides; stage 1b the projector
+    alone, to the caption targets in the designed word space; stage 2 freezes both and the
+    word embeddings and trains the rest of the LLM on the answers."""
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     shape = model_shape(config)
+    used = config.vision_layers - 1  # layers the feature layer (-2) runs
+    assert max(config.group_layer, config.count_layer) < used, "the tower guides need layers the features use"
     build_tiny(out, seed=config.seed, tiny=shape)  # config, tokenizer, processor files + the init
     (out / BUILD_INFO).unlink()  # that marker means "a tiny test model"; this one is not
-    # Eager attention: sdpa returns no attention probabilities for the look loss.
+    # Eager attention: sdpa returns no attention probabilities for the guides.
     model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32,
                                                           attn_implementation="eager").train()
-    heads = Heads(shape.vision_hidden)
+    heads = Heads(shape.vision_hidden, used)
     tokenizer = build_tokenizer()
     formats = prompt_formats(LLAVA_CHAT_TEMPLATE, IMAGE_TOKEN, BOS, EOS)
     prompter = Prompter(tokenizer, formats["first_turn"], formats["next_turn"])
+    code = CaptionCode(tokenizer, config.align_detail)
+    embed = model.model.language_model.embed_tokens
+    design_embeddings(embed.weight, code, torch.Generator().manual_seed(config.seed))
+    embed.requires_grad_(False)  # the space the projector aligns to: fixed from here on
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     quick = heldout(per_type=config.eval_per_type)
     t0 = time.perf_counter()
+    seconds = {}
 
     def batch_of_scenes() -> Batch:
         scenes = [sample_scene(rng, scene_config) for _ in range(config.batch)]
         return make_batch(scenes, [ask(s, rng, shuffled_types(rng)) for s in scenes], prompter, shape.patch_size)
 
+    def report(stage: str, step: int, parts: dict[str, torch.Tensor], extra: str = "") -> None:
+        log(f"{stage} step {step} {time.perf_counter() - t0:.0f}s " +
+            " ".join(f"{k} {v.item():.3f}" for k, v in parts.items()) + extra)
+
     tower = model.model.vision_tower
+    sincos_positions(tower, shape.image_size // shape.patch_size, config.position_gain)
     optimizer = make_optimizer(list(tower.parameters()) + list(heads.parameters()), config)
     for step in range(config.vision_steps):
         batch = batch_of_scenes()
-        hidden = feature_layer_states(model, batch.pixel_values)
-        parts = vision_losses(heads, batch, hidden)
-        step_optimizer(optimizer, parts["cls"] + parts["patch"], lr_at(step, config, config.vision_steps), config.clip)
+        hidden, probs, states = feature_layer_states(model, batch.pixel_values, attention=True)
+        parts = {**vision_losses(heads, batch, states),
+                 **tower_guide_losses(probs, batch, config.group_layer, config.count_layer,
+                                      config.vision_guide_heads)}
+        loss = (parts["cls"] + parts["patch"] + parts["deep"]
+                + config.vision_guide_weight * (parts["group"] + parts["count"]))
         if step % 20 == 0 or step == config.vision_steps - 1:
-            log(f"vision step {step} {time.perf_counter() - t0:.0f}s " +
-                " ".join(f"{k} {v.item():.3f}" for k, v in parts.items()))
+            accuracy = probe_accuracy(heads, batch, hidden.detach())
+            report("vision", step, parts, " probes " + " ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
+        step_optimizer(optimizer, loss, lr_at(step, config, config.vision_steps), config.clip)
     tower.requires_grad_(False)
+    probes = vision_probe_accuracy(model, heads, quick, prompter, shape.patch_size)
+    log(f"vision probe accuracy on held-out scenes {probes}")
+    seconds["vision"] = time.perf_counter() - t0
+
     projector = model.model.multi_modal_projector
-    probe_projector(projector, heads)
+    optimizer = make_optimizer(list(projector.parameters()), config)
+    for step in range(config.align_steps):
+        batch = batch_of_scenes()
+        with torch.no_grad():
+            hidden = feature_layer_states(model, batch.pixel_values)
+        parts = alignment_losses(projector, hidden, batch, embed.weight, code, config.align_scale,
+                                 config.align_temperature)
+        step_optimizer(optimizer, sum(parts.values()), lr_at(step, config, config.align_steps), config.clip)
+        if step % 20 == 0 or step == config.align_steps - 1:
+            report("align", step, parts)
     projector.requires_grad_(False)
-    optimizer = make_optimizer(list(model.model.language_model.parameters()) + list(model.lm_head.parameters()), config)
+    seconds["align"] = time.perf_counter() - t0 - sum(seconds.values())
+
+    llm = [p for p in (*model.model.language_model.parameters(), *model.lm_head.parameters()) if p.requires_grad]
+    optimizer = make_optimizer(llm, config)
     for step in range(config.steps):
         batch = batch_of_scenes()
         view = (lambda hidden: compressed_view(hidden, batch, config.sparse_background, config.sparse_contextual,
@@ -334,19 +346,38 @@ def train(config: TrainConfig, out: Path, scene_config: SceneConfig = SceneConfi
         loss = parts["answer"] + config.guide_weight * (parts["ground"] + parts["route"])
         step_optimizer(optimizer, loss, lr_at(step, config, config.steps), config.clip)
         if step % 20 == 0 or step == config.steps - 1:
-            log(f"step {step} {time.perf_counter() - t0:.0f}s " +
-                " ".join(f"{k} {v.item():.3f}" for k, v in parts.items()))
+            report("llm", step, parts)
         if (step + 1) % config.eval_every == 0:
             log(f"step {step + 1} quick held-out accuracy "
                 f"{evaluate(model, prompter, quick, shape.patch_size)}")
+    seconds["llm"] = time.perf_counter() - t0 - sum(seconds.values())
     model.eval()
     scores = evaluate(model, prompter, heldout(per_type=config.heldout_per_type), shape.patch_size)
     log(f"held-out accuracy {scores}")
+    alignment = alignment_figures(model, heldout(per_type=config.align_eval_per_type), prompter, code,
+                                  shape.patch_size, feature_layer_states)
+    log(f"alignment {alignment}")
     model.save_pretrained(out)
     info = {"config": dataclasses.asdict(config), "scene_config": dataclasses.asdict(scene_config),
-            "train_seconds": round(time.perf_counter() - t0, 1), "heldout_accuracy": scores}
+            "train_seconds": round(time.perf_counter() - t0, 1),
+            "stage_seconds": {k: round(v, 1) for k, v in seconds.items()},
+            "heldout_accuracy": scores, "vision_probe_accuracy": probes, "alignment": alignment}
     (out / TRAINING_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return scores
+
+
+@torch.no_grad()
+def vision_probe_accuracy(model: LlavaForConditionalGeneration, heads: Heads, examples: list[Example],
+                          prompter: Prompter, patch: int, batch: int = 16) -> dict[str, float]:
+    """The tower's probes on held-out scenes: per target, accuracy over patches on shapes."""
+    totals: dict[str, list[float]] = {}
+    for start in range(0, len(examples), batch):
+        chunk = examples[start:start + batch]
+        data = make_batch([e.scene for e in chunk], [[e.question] for e in chunk], prompter, patch)
+        weight = float((data.patch_owner > 0).sum())
+        for name, value in probe_accuracy(heads, data, feature_layer_states(model, data.pixel_values)).items():
+            totals.setdefault(name, []).append((value * weight, weight))
+    return {name: sum(v for v, _ in parts) / sum(w for _, w in parts) for name, parts in totals.items()}
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path]:

@@ -12,9 +12,11 @@ from sparsezip_deploy.scenes.questions import heldout
 from sparsezip_deploy.train.data import IGNORE, Prompter
 from sparsezip_deploy.train.train import TRAINING_INFO, TrainConfig, feature_layer_states, main, train
 
-SMOKE = TrainConfig(vision_steps=1, steps=2, batch=2, ground_layer=0, route_layer=0, warmup=1, sparse_steps=1, eval_every=1, eval_per_type=1,
-                    heldout_per_type=1, vision_hidden=32, vision_heads=2, vision_layers=2, vision_mlp=64,
-                    llm_hidden=32, llm_heads=2, llm_kv_heads=1, llm_layers=1, llm_mlp=64)
+SMOKE = TrainConfig(vision_steps=1, align_steps=1, steps=2, batch=2, ground_layer=0, route_layer=0, warmup=1,
+                    sparse_steps=1, eval_every=1, eval_per_type=1, heldout_per_type=1, align_eval_per_type=1,
+                    group_layer=0, count_layer=1, vision_guide_heads=1, vision_hidden=32, vision_heads=2,
+                    vision_layers=3, vision_mlp=64, llm_hidden=32, llm_heads=2, llm_kv_heads=1, llm_layers=1,
+                    llm_mlp=64)
 
 
 def test_two_steps_write_a_loadable_reproducible_model(tmp_path):
