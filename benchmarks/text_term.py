@@ -30,6 +30,8 @@ from sparsezip_deploy.scenes.questions import heldout
 from sparsezip_deploy.scenes.scene import render
 from sparsezip_deploy.sparsezip.config import FUSIONS, TEXT_FORMS, SparseZipConfig
 
+from accuracy import contextual
+
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIBRATION_SEED = 20251216  # not scenes.questions' held-out or POPE seeds
 BETAS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
@@ -38,7 +40,8 @@ PATCH_COVER = 0.25  # a patch belongs to a shape when the shape covers this shar
 
 
 def budget_config(budget: int, **options) -> SparseZipConfig:
-    m = max(1, round(10 * budget / 64))  # benchmarks/accuracy.py's split
+    """CLS + K + m tokens, split as benchmarks/accuracy.py splits its budgets."""
+    m = contextual(budget)
     k = budget - 1 - m
     return SparseZipConfig(k_max=k, k_min=k, contextual=m, candidates=max(128, k), **options)
 

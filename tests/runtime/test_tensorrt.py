@@ -161,9 +161,8 @@ def test_native_plans_answer_like_onnx_runtime(engine_sparsezip, tmp_path, shape
     assert got.token_ids == want.token_ids
 
 
-@pytest.fixture
-def native(folder, monkeypatch):
-    """The folder with plans from the fake builder, and the fake TensorRT + CUDA in place for running them."""
+def build_fake_plans(folder, monkeypatch):
+    """`folder` with plans from the fake builder, and the fake TensorRT + CUDA in place for running them."""
     fake = FakeTensorRT()
     monkeypatch.setattr(build_trt, "import_tensorrt", lambda: fake)
     monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
@@ -171,6 +170,11 @@ def native(folder, monkeypatch):
     with contextlib.redirect_stdout(io.StringIO()):
         assert build_trt.main([str(folder)]) == 0
     return folder
+
+
+@pytest.fixture
+def native(folder, monkeypatch):
+    return build_fake_plans(folder, monkeypatch)
 
 
 def test_native_backend_glue_answers_like_onnx_runtime(native, shapes_png):
@@ -233,12 +237,7 @@ def test_split_engine_gets_a_plan_per_vision_graph(engine_split, tmp_path, monke
     monkeypatch.setattr(build_trt, "gpu_info", lambda device_id=0: Gpu("Fake GPU", "8.7"))
     folder = tmp_path / "engine"
     shutil.copytree(engine_split, folder)
-    fake = FakeTensorRT()
-    monkeypatch.setattr(build_trt, "import_tensorrt", lambda: fake)
-    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
-    fake_cuda(monkeypatch)
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert build_trt.main([str(folder)]) == 0
+    build_fake_plans(folder, monkeypatch)
     info = read_manifest(folder).tensorrt
     assert list(info.plans) == ["vision_trunk", "vision_selector", "llm"]
     assert [len(p.profiles) for p in info.plans.values()] == [1, 1, 2]
