@@ -40,6 +40,10 @@ class ParityError(ExportError):
     pass
 
 
+class SelectionError(ParityError):
+    """ORT kept a patch the reference's own scores do not put within the tie window of the threshold."""
+
+
 @dataclass(frozen=True)
 class Comparison:
     name: str
@@ -119,7 +123,7 @@ def check_selection(expected_kept: np.ndarray, actual_kept: np.ndarray, scores: 
     where the unrounded dynamic K ties at a rounding boundary (K_TIE_ATOL): then
     (Comparison naming the tied rows and patches, ORT's sets [B,P] bool), so the
     caller compares everything else against the reference run on ORT's choice.
-    Any other difference raises ParityError.
+    Any other difference raises SelectionError.
     """
     scores = np.asarray(scores, dtype=np.float64)
     want, got = dominant_sets(expected_kept, scores.shape[1]), dominant_sets(actual_kept, scores.shape[1])
@@ -129,7 +133,7 @@ def check_selection(expected_kept: np.ndarray, actual_kept: np.ndarray, scores: 
     for row in np.flatnonzero((want != got).any(-1)):
         k, k_ref = int(got[row].sum()), int(want[row].sum())
         if k != k_ref and (unrounded_k is None or abs(unrounded_k[row] % 1.0 - 0.5) > K_TIE_ATOL):
-            raise ParityError(f"parity check failed: kept_index row {row}: ORT keeps {k} patches, "
+            raise SelectionError(f"parity check failed: kept_index row {row}: ORT keeps {k} patches, "
                               f"the reference {k_ref}")
         s = scores[row]
         order = np.lexsort((np.arange(len(s)), -s))  # by descending score, ties by lower index
@@ -141,7 +145,7 @@ def check_selection(expected_kept: np.ndarray, actual_kept: np.ndarray, scores: 
         off = np.abs(s[differ] - threshold)
         if (off > tol).any():
             far = differ[off > tol]
-            raise ParityError(
+            raise SelectionError(
                 f"parity check failed: kept_index row {row}: patches {', '.join(map(str, far.tolist()))} kept "
                 f"by one side only, {off.max():.3g} from the top-{k} threshold (ties within {tol:.3g})")
         ties.append(f"row {row}: {', '.join(map(str, differ.tolist()))}" if len(differ) else f"row {row}: K")

@@ -34,7 +34,7 @@ from sparsezip_deploy.sparsezip.modules import build_compressor, project_text_to
 from .errors import ExportError
 from .graph_io import SELECTOR_FILE, TRUNK_FILE, dynamic_shapes, trunk_io, vision_io
 from .llm import DTYPES
-from .parity import Comparison, check, check_selection, check_visual_tokens
+from .parity import Comparison, SelectionError, check, check_selection, check_visual_tokens
 
 OPSET = 18
 
@@ -295,6 +295,13 @@ def check_vision(graph: VisionGraph, path: Path, feeds: dict[str, torch.Tensor] 
     the tower (exported alone) against torch within float16 tolerance, then the
     whole graph against torch's selection and projector fed ORT's own tower
     features, where indices must match as in float32.
+
+    A deep float32 tower can round enough for the same (ViT-L's 24 layers moved
+    a patch 9.5e-5 from the top-K threshold, outside the 8.3e-5 tie window of
+    its score range): when the selection differs beyond the tie window on
+    torch's features (parity.SelectionError), the float32 graph is checked in
+    the same two parts, and the report says so. Every other mismatch fails at
+    once.
     """
     feeds = example_inputs(graph, seed=1) if feeds is None else feeds
     io = graph.io()
@@ -302,12 +309,17 @@ def check_vision(graph: VisionGraph, path: Path, feeds: dict[str, torch.Tensor] 
     with torch.no_grad():
         if graph.dtype_name == "float32":
             features = graph.encode(feeds["pixel_values"])
-            return [str(c) for c in _check_compressed(graph, features, feeds, actual, "float32")]
+            try:
+                return [str(c) for c in _check_compressed(graph, features, feeds, actual, "float32")]
+            except SelectionError as direct:
+                moved = f"selection on torch's own tower features: {direct}; checked on ORT's tower instead"
+        else:
+            moved = None
         with tempfile.TemporaryDirectory() as tmp:
             trunk_spec = export_trunk(graph, Path(tmp) / TRUNK_FILE)
             results, features = _check_trunk(graph, Path(tmp) / TRUNK_FILE, trunk_spec, feeds)
         results += _check_compressed(graph, features, feeds, actual, graph.dtype_name)
-    return [str(c) for c in results]
+    return ([moved] if moved else []) + [str(c) for c in results]
 
 
 def _check_trunk(graph: VisionGraph, path: Path, spec: GraphSpec, feeds) -> tuple[list[Comparison], tuple]:

@@ -6,7 +6,7 @@ import torch
 from onnx import numpy_helper
 
 from sparsezip_deploy.export.parity import ParityError, check_visual_tokens
-from sparsezip_deploy.export.vision import VisionGraph, example_inputs, export_vision, run_onnx
+from sparsezip_deploy.export.vision import VisionGraph, check_vision, example_inputs, export_vision, run_onnx
 from sparsezip_deploy.sparsezip.config import NoneConfig, SparseZipConfig, VisionZipConfig
 from sparsezip_deploy.sparsezip.reference import reference
 
@@ -93,6 +93,31 @@ def test_parity_check_fails_loudly(exported):
         damage(got)
         with pytest.raises(ParityError):
             check_visual_tokens(expected, got)
+
+
+def test_selection_moved_by_tower_rounding_is_checked_on_orts_tower(exported, monkeypatch):
+    """check_vision's fallback: when torch's own tower features select other patches than ORT's graph
+    (here: torch's first encode has its CLS attention reversed, as if rounding had moved every score),
+    the graph is checked in two parts, the trunk within tolerance and the selection on ORT's trunk."""
+    graph, path = exported["sparsezip"]
+    encode, calls = graph.encode, []
+
+    def first_call_moved(pixel_values):
+        h, cls_attn, kmet = encode(pixel_values)
+        calls.append(1)
+        return (h, cls_attn.flip(-1), kmet) if len(calls) == 1 else (h, cls_attn, kmet)
+
+    monkeypatch.setattr(graph, "encode", first_call_moved)
+    lines = check_vision(graph, path, example_inputs(graph, batch=2, seed=3))
+    assert lines[0].startswith("selection on torch's own tower features: parity check failed: kept_index")
+    assert any(line.startswith("hidden_states") for line in lines)  # the trunk, within tolerance
+
+
+def test_two_part_check_still_refuses_a_wrong_graph(exported):
+    """The fallback is no escape: the visionzip graph checked as sparsezip fails on ORT's own tower too."""
+    graph, _ = exported["sparsezip"]
+    with pytest.raises(ParityError, match="kept_index"):
+        check_vision(graph, exported["visionzip"][1], example_inputs(graph, batch=2, seed=3))
 
 
 def test_dynamic_k_is_dynamic(exported):
