@@ -1,4 +1,4 @@
-"""Session-wide fixtures: the tiny LLaVA, built once per test run (no downloads)."""
+"""Session-wide fixtures: the tiny LLaVA and its uncompressed engine, built once per test run (no downloads)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,3 +18,11 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny(tiny_dir: Path) -> LoadedModel:
     return load_model(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def engine_none(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's uncompressed engine, built once for the runtime and calib tests."""
+    from .runtime.conftest import _build
+
+    return _build(tiny_dir, tmp_path_factory.mktemp("engines") / "tiny-none", "none")

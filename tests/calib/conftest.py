@@ -18,8 +18,9 @@ CALIB_COUNT = 4
 
 @pytest.fixture(scope="session")
 def engine_fp32(tiny_dir, tmp_path_factory) -> Path:
-    """The product's default: sparsezip, text-aware, 1 + 53 + 10 slots."""
-    return _build(tiny_dir, tmp_path_factory.mktemp("engines") / "tiny-sz-fp32", "sparsezip")
+    """The product's default method: sparsezip, text-aware, 1 + 53 + 10 slots, in one vision.onnx (the
+    split layout's int8 and budget fit: tests/calib/test_budget.py)."""
+    return _build(tiny_dir, tmp_path_factory.mktemp("engines") / "tiny-sz-fp32", "sparsezip", "--no-split-vision")
 
 
 @pytest.fixture(scope="session")
@@ -45,13 +46,8 @@ def engine_int8_cpu(engine_fp32, calib_images, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def engine_none_fp32(tiny_dir, tmp_path_factory) -> Path:
-    return _build(tiny_dir, tmp_path_factory.mktemp("engines") / "tiny-none-fp32", "none")
-
-
-@pytest.fixture(scope="session")
-def engine_none_int8(engine_none_fp32, calib_images, tmp_path_factory) -> Path:
-    return int8_engine(engine_none_fp32, tmp_path_factory.mktemp("engines") / "tiny-none-int8", "cpu", calib_images)
+def engine_none_int8(engine_none, calib_images, tmp_path_factory) -> Path:
+    return int8_engine(engine_none, tmp_path_factory.mktemp("engines") / "tiny-none-int8", "cpu", calib_images)
 
 
 @pytest.fixture(scope="session")

@@ -132,10 +132,10 @@ def test_int8_engine_answers_like_the_oracle(tiny, engine_fp32, engine_int8_cpu,
                                                                      sorted(float_kept - kept))
 
 
-def test_int8_moves_the_prefill_logits_little(engine_none_fp32, engine_none_int8, shapes_png):
+def test_int8_moves_the_prefill_logits_little(engine_none, engine_none_int8, shapes_png):
     """Quantisation alone (`none`: every patch, no selection that int8 could reorder): the
     prefill logits of the int8 engine stay near the float engine's."""
-    _, _, float_logits = _prefill_logits(engine_none_fp32, shapes_png)
+    _, _, float_logits = _prefill_logits(engine_none, shapes_png)
     _, _, logits = _prefill_logits(engine_none_int8, shapes_png)
     drift = np.abs(logits - float_logits).max() / float_logits.std()
     assert drift <= LOGITS_TOLERANCE, f"int8 moved the prefill logits by {drift:.3f} of their spread"
