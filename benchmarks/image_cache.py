@@ -3,7 +3,7 @@
     flock /tmp/sz-cpu.lock python benchmarks/image_cache.py --build --work /tmp/szbench   # vitl-0.5b
     python benchmarks/image_cache.py --engines FUSED SPLIT                                # text-aware engines
 
-A text-aware sparsezip engine built with --split-vision runs CLIP (vision_trunk)
+A text-aware sparsezip engine in the split layout (build.py's default) runs CLIP (vision_trunk)
 once per image and the selection (vision_selector) once per question; the
 Pipeline keeps the trunk's outputs of recent images (runtime/vision.py). Each
 configuration runs in a fresh runtime process (no torch): a warm-up question
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--engines", type=Path, nargs=2, metavar=("FUSED", "SPLIT"),
-                       help="a text-aware engine folder and the same built with --split-vision")
+                       help="a text-aware engine folder built with --no-split-vision and the same split")
     which.add_argument("--build", action="store_true", help=f"build (or reuse) {FUSED} and {SPLIT} in --work")
     p.add_argument("--work", type=Path, help="with --build: where the model and engines are kept")
     p.add_argument("--size", choices=list(SIZES), default=DEFAULT_SIZE)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = manifest_of(engine)
         if not manifest.vision.text_aware or manifest.vision_split != (name == SPLIT):
             raise SystemExit(f"error: {engine} must be a text-aware engine{' built with --split-vision' * (name == SPLIT)}"
-                             f"{' without --split-vision' * (name == FUSED)}")
+                             f"{' built with --no-split-vision' * (name == FUSED)}")
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
     for rep in range(args.reps):
         for name, engine, cache in configs:

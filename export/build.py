@@ -1,8 +1,8 @@
 """Build one engine folder: `python export/build.py --model shapes --method sparsezip`.
 
 Stages: load the model, export vision.onnx (CLIP up to l* + compression +
-projector; with --split-vision, vision_trunk.onnx + vision_selector.onnx, the
-same cut in two) and llm.onnx (decoder with KV cache), check each against PyTorch,
+projector; for text-aware sparsezip, unless --no-split-vision,
+vision_trunk.onnx + vision_selector.onnx, the same cut in two) and llm.onnx (decoder with KV cache), check each against PyTorch,
 optionally quantise them and calibrate the dynamic-K budget (calib/), write the
 embedding table, tokenizer and manifest.json.
 Everything is written into a temporary sibling folder that is renamed into
@@ -97,10 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="precision of the CLIP tower and projector in vision.onnx (float16 is for GPUs: "
                         "ONNX Runtime CPU runs most of it in float32 between casts); the token selection "
                         "and the graph's inputs and outputs stay float32")
-    p.add_argument("--split-vision", action=argparse.BooleanOptionalAction, default=False,
-                   help="text-aware sparsezip: write the vision stage as vision_trunk.onnx (CLIP to the feature "
-                        "layer) + vision_selector.onnx (scores, text term, TopK, merging, projector), so the "
-                        "runtime runs CLIP once per image and the selection once per question")
+    p.add_argument("--split-vision", action=argparse.BooleanOptionalAction, default=None,
+                   help="write the vision stage as vision_trunk.onnx (CLIP to the feature layer) + "
+                        "vision_selector.onnx (scores, text term, TopK, merging, projector), so the runtime runs "
+                        "CLIP once per image and the selection once per question (default: for text-aware "
+                        "sparsezip, the only method whose vision output depends on the prompt; "
+                        "--no-split-vision: one vision.onnx)")
     p.add_argument("--target", default=None, choices=list(LINT_TARGETS),
                    help="fail the build if TensorRT's ONNX parser of this version would refuse a node "
                         "(export/tensorrt_lint.py; runs on the CPU)")
@@ -254,7 +256,10 @@ def build(args: argparse.Namespace) -> Path:
     if args.calib_images is not None:  # refused before the model loads, not at the parity check
         from sparsezip_deploy.calib.reader import image_files
         image_files(args.calib_images)
-    if args.split_vision and not (isinstance(config, SparseZipConfig) and config.text_aware):
+    text_aware = isinstance(config, SparseZipConfig) and config.text_aware
+    if args.split_vision is None:
+        args.split_vision = text_aware
+    if args.split_vision and not text_aware:
         raise ExportError(f"--split-vision is for text-aware sparsezip (--beta > 0): the vision output of "
                           f"{config.method}{' --beta 0' if isinstance(config, SparseZipConfig) else ''} does "
                           "not depend on the prompt, and the runtime caches it whole")

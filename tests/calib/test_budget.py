@@ -95,7 +95,7 @@ def test_build_refuses_budgets_it_cannot_calibrate(tiny_dir, tmp_path, capsys):
 def test_one_build_quantises_calibrates_and_records_it(tiny_dir, tmp_path, shapes_png):
     out = tmp_path / "q"
     assert _main("--model", str(tiny_dir), "--vision-int8", "cpu", "--llm-quant", "int4", "--target-mean-k", "30",
-                 "--calib-count", "8", "--out", str(out)) == 0
+                 "--calib-count", "8", "--no-split-vision", "--out", str(out)) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["precision"] == {"vision": "int8", "llm": "int4", "embed_tokens": "float32"}
     calibration = manifest["calibration"]
@@ -114,9 +114,10 @@ def test_one_build_quantises_calibrates_and_records_it(tiny_dir, tmp_path, shape
 
 
 def test_split_engine_quantises_its_trunk_and_fits_its_selector(tiny_dir, tmp_path, shapes_png):
-    """--split-vision: int8 on the trunk (l*'s q and k left float), the dynamic-K law fitted in the selector."""
+    """The default (split) layout: int8 on the trunk (l*'s q and k left float), the dynamic-K law fitted in
+    the selector."""
     out = tmp_path / "split"
-    assert _main("--model", str(tiny_dir), "--split-vision", "--vision-int8", "cpu", "--target-mean-k", "30",
+    assert _main("--model", str(tiny_dir), "--vision-int8", "cpu", "--target-mean-k", "30",
                  "--calib-count", "8", "--out", str(out)) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["precision"]["vision"] == "int8"

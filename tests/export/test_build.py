@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 def engine(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("engines") / "tiny-sz"
     assert build.main(["--model", str(tiny_dir), "--method", "sparsezip", "--k-max", "40",
-                       "--contextual", "8", "--target", "tensorrt-10.3", "--out", str(out)]) == 0
+                       "--contextual", "8", "--no-split-vision", "--target", "tensorrt-10.3", "--out", str(out)]) == 0
     return out
 
 
@@ -64,10 +64,12 @@ def test_engine_folder_is_complete_and_self_describing(engine):
     assert not [p for p in engine.parent.iterdir() if p.name.endswith(".partial")]
 
 
-def test_split_vision_writes_and_checks_trunk_and_selector(tiny_dir, tmp_path, capsys):
+def test_text_aware_build_splits_and_checks_trunk_and_selector(tiny_dir, tmp_path, capsys):
+    """A text-aware sparsezip engine gets vision_trunk + vision_selector without asking (the `engine`
+    fixture above is the same build with --no-split-vision)."""
     out = tmp_path / "split"
     assert build.main(["--model", str(tiny_dir), "--method", "sparsezip", "--k-max", "40", "--contextual", "8",
-                       "--split-vision", "--target", "tensorrt-10.3", "--out", str(out)]) == 0
+                       "--target", "tensorrt-10.3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "checking vision_trunk.onnx, then vision_selector.onnx on its features" in printed
     for name in ("hidden_states", "cls_attn", "kmet", "kept_index (selected patches)", "visual_tokens"):

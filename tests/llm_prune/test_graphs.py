@@ -105,7 +105,8 @@ def test_the_manifest_declares_the_groups_and_stages(engine):
     assert [g.past_axis for g in manifest.llm.cache.groups] == ["past", "past_1", "past_2"]
     assert prune_from_dict(dict(pruning.config)).stages(LAYERS, 64) == \
         (Stage(0, 30, 2), Stage(2, 12, 1))
-    assert set(manifest.graphs) == {"vision", "llm", PREFILL_GRAPH}
+    # text-aware sparsezip under it: the vision stage split, as build.py does by default
+    assert set(manifest.graphs) == {"vision_trunk", "vision_selector", "llm", PREFILL_GRAPH}
     assert manifest.graphs[PREFILL_GRAPH].outputs["new_key_values.3.key"].shape[0] == "seq_2"
 
 
