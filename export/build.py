@@ -2,9 +2,10 @@
 
 Stages: load the model, export vision.onnx (CLIP up to l* + compression +
 projector; for text-aware sparsezip, unless --no-split-vision,
-vision_trunk.onnx + vision_selector.onnx, the same cut in two) and llm.onnx (decoder with KV cache), check each against PyTorch,
-optionally quantise them and calibrate the dynamic-K budget (calib/), write the
-embedding table, tokenizer and manifest.json.
+vision_trunk.onnx + vision_selector.onnx, the same cut in two) and llm.onnx
+(decoder with KV cache), check each against PyTorch, optionally quantise them
+and calibrate the dynamic-K budget (calib/), write the embedding table,
+tokenizer and manifest.json.
 Everything is written into a temporary sibling folder that is renamed into
 place at the end, so an interrupted build never leaves a folder that looks
 complete. `--out` is checked before the model loads (minutes for a 7B model).

@@ -134,7 +134,7 @@ def check_selection(expected_kept: np.ndarray, actual_kept: np.ndarray, scores: 
         k, k_ref = int(got[row].sum()), int(want[row].sum())
         if k != k_ref and (unrounded_k is None or abs(unrounded_k[row] % 1.0 - 0.5) > K_TIE_ATOL):
             raise SelectionError(f"parity check failed: kept_index row {row}: ORT keeps {k} patches, "
-                              f"the reference {k_ref}")
+                                 f"the reference {k_ref}")
         s = scores[row]
         order = np.lexsort((np.arange(len(s)), -s))  # by descending score, ties by lower index
         top = np.zeros(len(s), dtype=bool)
