@@ -6,8 +6,10 @@ Random-init LLaVA-1.5 geometry (CLIP ViT-L/14-336, 1024 wide, 24 layers,
 features of layer -2; projector 1024 -> 4096 -> 4096). For each method the
 vision graph is exported and timed in ONNX Runtime (CPU), interleaved with the
 others, after warm-up. Also timed: the compression module alone as its own
-ONNX graph (its share of the vision time is the figure the goal is about), and
-PyTorch eager HF `get_image_features` (all 24 layers, what LLaVA runs).
+ONNX graph (its share of the vision time is the figure the goal is about),
+PyTorch eager HF `get_image_features` (all 24 layers, what LLaVA runs), and the
+text-aware graph in its default split layout: trunk then selector (a first
+question about an image), the selector alone (a second one, trunk cached).
 Goals reported, not asserted: compression <= 1% of vision time; ORT >= 1.3x
 faster than torch eager.
 """
@@ -24,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from sparsezip_deploy.export.vision import OPSET, VisionGraph, example_inputs, export_vision
+from sparsezip_deploy.export.graph_io import SELECTOR_FILE, TRUNK_FILE
+from sparsezip_deploy.export.vision import OPSET, VisionGraph, example_inputs, export_split, export_vision
 from sparsezip_deploy.runtime.backends.ort import OrtOptions, open_graph
 from sparsezip_deploy.runtime.manifest import tool_versions
 from sparsezip_deploy.sparsezip.config import NoneConfig, SparseZipConfig, VisionZipConfig
@@ -77,6 +80,20 @@ def ort_graph(path: Path, threads: int):
     return open_graph(path, OrtOptions(threads=threads))
 
 
+def split_runners(graph: VisionGraph, folder: Path, feeds: dict, threads: int, name: str) -> dict:
+    """A first question on the split engine (trunk, then selector on its outputs), and a second one about
+    the same image (the selector alone, on the trunk outputs the runtime cached)."""
+    folder.mkdir()
+    export_split(graph, folder)
+    trunk, selector = (ort_graph(folder / f, threads) for f in (TRUNK_FILE, SELECTOR_FILE))
+    pixels, text = {"pixel_values": feeds["pixel_values"]}, {k: feeds[k] for k in ("text_embeds", "text_mask")}
+    cached = {**trunk.run(pixels), **text}
+
+    def first():
+        return selector.run({**trunk.run(pixels), **text})
+    return {f"ort/{name}-split": first, f"ort/{name}-selector": lambda: selector.run(cached)}
+
+
 def time_interleaved(runners: dict, reps: int, warmup: int) -> dict[str, list[float]]:
     """Run every runner once per round, round after round, so load drifts hit all alike."""
     for run in runners.values():
@@ -121,6 +138,8 @@ def main(argv=None) -> int:
             runners[f"ort/{name}"] = lambda b=backend, f=feeds: b.run(f)
             exported[name] = graph
 
+            if graph.text_aware:  # the same graph in build.py's default layout for it: trunk + selector
+                runners.update(split_runners(graph, Path(tmp) / f"{name}-split", feeds, args.threads, name))
             if config.method != "none":
                 only = CompressionOnly(graph).eval()
                 with torch.no_grad():
@@ -153,6 +172,9 @@ def main(argv=None) -> int:
             "compression_share_of_vision": med[f"compression/{name}"] / med[f"ort/{name}"],
             "graph_ms_vs_none": med[f"ort/{name}"] / med["ort/none"],
         }
+    for name in (n for n in METHODS if f"ort/{n}-split" in med):
+        derived[name].update({"split_first_question_vs_fused": med[f"ort/{name}-split"] / med[f"ort/{name}"],
+                              "selector_alone_vs_fused": med[f"ort/{name}-selector"] / med[f"ort/{name}"]})
     derived["ort_none_speedup_vs_torch_eager"] = med["torch-eager/hf-get_image_features"] / med["ort/none"]
     report = {
         "benchmark": "vision_overhead",

@@ -67,7 +67,9 @@ def test_memory_splits_the_peak_and_never_imports_torch(latency, tmp_path):
 def test_vision_overhead(tmp_path):
     out = tmp_path / "vision_overhead.json"
     run("vision_overhead.py", "--tiny", "--reps", "1", "--warmup", "0", "--out", str(out))
-    assert "compression_share_of_vision" in json.loads(out.read_text())["derived"]["sparsezip-64"]
+    derived = json.loads(out.read_text())["derived"]
+    assert "compression_share_of_vision" in derived["sparsezip-64"]
+    assert {"split_first_question_vs_fused", "selector_alone_vs_fused"} <= set(derived["sparsezip-64-text"])
 
 
 def test_quant_compares_quantised_engines_with_float(latency, tmp_path):
